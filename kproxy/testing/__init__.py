@@ -1,0 +1,1 @@
+"""Test and demo support: network topologies in namespaces, backends, traffic probes, a VM runner."""
