@@ -110,4 +110,7 @@ def load(mode: str, config: ProxyConfig) -> DataPlane:
         if e.name and e.name.startswith(mod_name):
             raise SetupError(f"proxy mode {mode!r} is not available in this build") from None
         raise
-    return getattr(mod, cls_name)(config)
+    cls = getattr(mod, cls_name, None)
+    if cls is None:
+        raise SetupError(f"proxy mode {mode!r} is not available in this build")
+    return cls(config)

@@ -1,0 +1,205 @@
+"""The node daemon: source → store → snapshot → data plane, driven by the sync runner.
+
+Startup waits for the source's initial list (so no Service is programmed before its endpoints are
+known), then the first sync is a full one; later syncs are partial unless a sync failed (the next is
+full) or the full-resync period elapsed. On SIGTERM/SIGINT the daemon exits and leaves every rule in
+place: a restarted daemon adopts them, so established and new connections keep working meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from . import dataplane
+from .config import ProxyConfig
+from .snapshot import Changes, ProxySnapshot
+from .store import ClusterStore
+
+log = logging.getLogger(__name__)
+
+FULL_SYNC_PERIOD = 3600.0  # like kube-proxy: a partial sync is the norm, a full one at least hourly
+
+
+class Daemon:
+    def __init__(self, config: ProxyConfig, dp: dataplane.DataPlane | None = None) -> None:
+        self.config = config
+        self.node_name = config.node_name
+        self.store = ClusterStore(self.node_name)
+        self.snapshot = ProxySnapshot(self.store, self.node_name)
+        self.dp = dp or dataplane.load(config.mode, config)
+        self.pending = Changes()
+        self.need_full = True
+        self.last_full = 0.0
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.runner: Any = None
+        self.health: Any = None
+        self.service_health: Any = None
+        self.metrics: Any = None
+        self._queued_at: float | None = None
+
+    # ---- wiring ---------------------------------------------------------------------------------
+    def _source(self) -> Any:
+        if self.config.manifests:
+            from .sources.manifests import ManifestsSource
+
+            return ManifestsSource(self.config.manifests)
+        from .sources.kube import KubeSource
+
+        return KubeSource(self.config)
+
+    def _start_servers(self) -> None:
+        from . import healthz
+
+        try:
+            from . import metrics
+        except ImportError:
+            metrics = None  # type: ignore[assignment]
+        if metrics is not None:
+            self.metrics = metrics.ProxyMetrics.create(self.config) if hasattr(metrics, "ProxyMetrics") else None
+            if self.config.metrics_bind_address and hasattr(metrics, "start_metrics_server"):
+                metrics.start_metrics_server(self.config.metrics_bind_address)
+        if self.config.healthz_bind_address:
+            self.health = healthz.ProxyHealthServer(self.config.healthz_bind_address,
+                                                    health_timeout=2 * max(self.config.sync_period, 1.0))
+            self.health.start()
+        if hasattr(healthz, "ServiceHealthServer"):
+            self.service_health = healthz.ServiceHealthServer.from_config(self.config) \
+                if hasattr(healthz.ServiceHealthServer, "from_config") else healthz.ServiceHealthServer()
+
+    def _on_store_change(self) -> None:
+        if self._queued_at is None:
+            self._queued_at = time.time()
+        if self.health is not None:
+            self.health.queued_update()
+        if self._loop is not None and self.runner is not None:
+            self._loop.call_soon_threadsafe(self.runner.request)
+
+    # ---- one sync (worker thread) ---------------------------------------------------------------
+    def sync(self, periodic: bool = False) -> None:
+        with self._lock:
+            queued_at, self._queued_at = self._queued_at, None
+            changes = self.snapshot.update()
+            self.pending.merge(changes)
+            full = self.need_full or (time.monotonic() - self.last_full > FULL_SYNC_PERIOD)
+            if not full and not self.pending:
+                if self.health is not None:
+                    self.health.updated()
+                return
+            t0 = time.monotonic()
+            try:
+                result = self.dp.sync(self.snapshot, self.pending, full)
+            except Exception:
+                self.need_full = True
+                self._queued_at = queued_at or time.time()
+                self._observe_failure()
+                raise
+            elapsed = time.monotonic() - t0
+            if full:
+                self.need_full = False
+                self.last_full = time.monotonic()
+            done, self.pending = self.pending, Changes()
+        stale = self._cleanup_conntrack(done)
+        self._after_sync(done, full, elapsed, queued_at, result, stale)
+        log.info("%s sync: %d service ports (%d changed), %d rules written, render %.1f ms, apply %.1f ms, "
+                 "total %.1f ms%s", "full" if full else "partial", len(self.snapshot.services), len(done.changed)
+                 + len(done.removed), result.rules, result.render_seconds * 1e3, result.apply_seconds * 1e3,
+                 elapsed * 1e3, f", {stale} stale UDP conntrack entries deleted" if stale else "")
+
+    def _cleanup_conntrack(self, done: Changes) -> int:
+        if not done.stale_udp:
+            return 0
+        try:
+            from . import conntrack
+
+            return int(conntrack.delete_stale(done.stale_udp) or 0)
+        except Exception as e:  # conntrack cleanup must never fail a sync
+            log.warning("stale UDP conntrack cleanup failed: %s", e)
+            return 0
+
+    def _after_sync(self, done: Changes, full: bool, elapsed: float, queued_at: float | None,
+                    result: dataplane.SyncResult, stale: int) -> None:
+        if self.health is not None:
+            self.health.updated()
+        if self.service_health is not None:
+            with contextlib.suppress(Exception):
+                self._sync_service_health()
+        if self.metrics is not None:
+            try:
+                self.metrics.observe_sync(full=full, seconds=elapsed, changes=done, queued_at=queued_at,
+                                          result=result, stale_deleted=stale, dataplane=self.dp)
+            except Exception as e:
+                log.debug("metrics update failed: %s", e)
+
+    def _observe_failure(self) -> None:
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.observe_failure(self.config.mode)
+
+    def _sync_service_health(self) -> None:
+        from . import healthz
+
+        if hasattr(healthz, "service_health_from_snapshot"):
+            services, endpoints = healthz.service_health_from_snapshot(self.snapshot)
+            self.service_health.sync_services(services)
+            self.service_health.sync_endpoints(endpoints)
+
+    # ---- main loop ------------------------------------------------------------------------------
+    async def run(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, stop.set)
+        self.dp.setup()
+        self._start_servers()
+        from .runner import SyncRunner
+
+        self.runner = SyncRunner(self.sync, self.config.min_sync_period, self.config.sync_period)
+        self.store.add_listener(self._on_store_change)
+        source = self._source()
+        tasks = [asyncio.create_task(source.run(self.store), name="source")]
+        if self.config.dns_listen:
+            tasks.append(asyncio.create_task(self._run_dns(), name="dns"))
+        waiter = asyncio.create_task(stop.wait())
+        while not self.store.synced:
+            done, _ = await asyncio.wait([waiter, *tasks], timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
+            if done:
+                break
+        if not stop.is_set() and all(not t.done() for t in tasks):
+            log.info("initial state loaded: %d Services, %d EndpointSlices; starting %s proxy on node %s",
+                     len(self.store.services), len(self.store.slices), self.config.mode, self.node_name)
+            tasks.append(asyncio.create_task(self.runner.run(), name="runner"))
+            await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        rc = 0
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                log.error("%s stopped: %s", t.get_name(), t.exception())
+                rc = 1
+            t.cancel()
+        waiter.cancel()
+        await asyncio.gather(*tasks, waiter, return_exceptions=True)
+        if self.health is not None:
+            self.health.stop()
+        log.info("exiting; rules stay in place")
+        return rc
+
+    async def _run_dns(self) -> None:
+        from .dns.server import DnsService
+
+        svc = DnsService(self.store, zone=self.config.dns_zone, listen=self.config.dns_listen,
+                         upstream=self.config.dns_upstream)
+        await svc.run()
+
+
+def run(config: ProxyConfig) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+        return asyncio.run(Daemon(config).run())
+    return uvloop.run(Daemon(config).run())
