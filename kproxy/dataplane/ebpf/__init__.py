@@ -1,0 +1,5 @@
+"""The ebpf proxy mode (see :mod:`.dataplane`): bcc-compiled socket LB + tc NodePort programs."""
+
+from .dataplane import EbpfDataPlane
+
+__all__ = ["EbpfDataPlane"]
