@@ -12,8 +12,9 @@ while everything else keeps syncing.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
@@ -33,13 +34,24 @@ def family_of(ip: str) -> int:
     return 6 if ":" in ip else 4
 
 
+def canonical_ip(value: str) -> str | None:
+    """The canonical text of an IP address, or None. (inet_pton is ~20x faster than ipaddress.)"""
+    try:
+        if ":" in value:
+            return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, value))
+        socket.inet_pton(socket.AF_INET, value)  # strict: rejects short forms and leading zeros
+        return value
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def _ip(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidObject(f"{what}: missing or not a string: {value!r}")
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise InvalidObject(f"{what}: invalid IP address {value!r}") from None
+    ip = canonical_ip(value)
+    if ip is None:
+        raise InvalidObject(f"{what}: invalid IP address {value!r}")
+    return ip
 
 
 def _port(value: Any, what: str, *, allow_zero: bool = False) -> int:
@@ -58,8 +70,7 @@ def _protocol(value: Any, what: str) -> str:
     return proto
 
 
-@dataclass(frozen=True, slots=True)
-class PortSpec:
+class PortSpec(NamedTuple):
     """One entry of a Service's spec.ports."""
 
     name: str
@@ -102,8 +113,7 @@ class Service:
         return bool(self.cluster_ips) and self.type != "ExternalName"
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
+class Endpoint(NamedTuple):
     """One endpoint of an EndpointSlice (all of its addresses share the conditions)."""
 
     addresses: tuple[str, ...]
@@ -117,8 +127,7 @@ class Endpoint:
     target_ref: str = ""  # "Kind/namespace/name" of the backing object, for DNS and status
 
 
-@dataclass(frozen=True, slots=True)
-class SlicePort:
+class SlicePort(NamedTuple):
     name: str
     protocol: str
     port: int
@@ -307,39 +316,43 @@ def parse_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice:
     raw_eps = obj.get("endpoints") or []
     if not isinstance(raw_eps, list):
         raise InvalidObject(f"{where}: endpoints is not a list")
+    want = 6 if atype == "IPv6" else 4
+    new = tuple.__new__  # positional construction: this loop runs 100k times on a full relist
     for i, e in enumerate(raw_eps):
         if not isinstance(e, dict):
             raise InvalidObject(f"{where}: endpoints[{i}] is not an object")
-        addrs = e.get("addresses") or []
-        if not isinstance(addrs, list) or not addrs:
+        addrs = e.get("addresses")
+        if not addrs or not isinstance(addrs, list):
             raise InvalidObject(f"{where}: endpoints[{i}] has no addresses")
         if atype == "FQDN":
             parsed = tuple(str(a) for a in addrs)
         else:
-            parsed = tuple(_ip(a, f"{where}: endpoints[{i}].addresses") for a in addrs)
-            want = 6 if atype == "IPv6" else 4
-            if any(family_of(a) != want for a in parsed):
-                raise InvalidObject(f"{where}: endpoints[{i}] address family does not match {atype}")
-        cond = e.get("conditions") or {}
-        # Per the API: nil ready means ready; nil serving means equal to ready; nil terminating means false.
-        ready = cond.get("ready")
-        ready = True if ready is None else bool(ready)
-        serving = cond.get("serving")
-        serving = ready if serving is None else bool(serving)
-        hints = ((e.get("hints") or {}).get("forZones") or [])
-        tref = e.get("targetRef") or {}
-        endpoints.append(Endpoint(
-            addresses=parsed,
-            ready=ready,
-            serving=serving,
-            terminating=bool(cond.get("terminating")),
-            hostname=str(e.get("hostname") or ""),
-            node_name=str(e.get("nodeName") or ""),
-            zone=str(e.get("zone") or ""),
-            hint_zones=tuple(str(h.get("name")) for h in hints if isinstance(h, dict) and h.get("name")),
-            target_ref=f"{tref.get('kind', '')}/{tref.get('namespace', '')}/{tref.get('name', '')}"
-            if isinstance(tref, dict) and tref.get("name") else "",
-        ))
+            parsed = tuple([_ip(a, f"{where}: endpoints[{i}].addresses") for a in addrs])
+            for a in parsed:
+                if (6 if ":" in a else 4) != want:
+                    raise InvalidObject(f"{where}: endpoints[{i}] address family does not match {atype}")
+        cond = e.get("conditions")
+        if cond:
+            # Per the API: nil ready means ready; nil serving means equal to ready; nil terminating false.
+            ready = cond.get("ready")
+            ready = True if ready is None else bool(ready)
+            serving = cond.get("serving")
+            serving = ready if serving is None else bool(serving)
+            terminating = bool(cond.get("terminating"))
+        else:
+            ready = serving = True
+            terminating = False
+        hints = e.get("hints")
+        zones: tuple[str, ...] = ()
+        if hints:
+            zones = tuple(str(h.get("name")) for h in hints.get("forZones") or ()
+                          if isinstance(h, dict) and h.get("name"))
+        tref = e.get("targetRef")
+        ref = ""
+        if tref and isinstance(tref, dict) and tref.get("name"):
+            ref = f"{tref.get('kind', '')}/{tref.get('namespace', '')}/{tref.get('name', '')}"
+        endpoints.append(new(Endpoint, (parsed, ready, serving, terminating, str(e.get("hostname") or ""),
+                                        str(e.get("nodeName") or ""), str(e.get("zone") or ""), zones, ref)))
     return EndpointSlice(ns, name, svc, atype, tuple(ports), tuple(endpoints),
                          str(meta.get("resourceVersion") or ""))
 
