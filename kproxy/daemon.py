@@ -43,6 +43,7 @@ class Daemon:
         self.service_health: Any = None
         self.metrics: Any = None
         self._queued_at: float | None = None
+        self.need_full_before = True
 
     # ---- wiring ---------------------------------------------------------------------------------
     def _source(self) -> Any:
@@ -55,29 +56,37 @@ class Daemon:
         return KubeSource(self.config)
 
     def _start_servers(self) -> None:
-        from . import healthz
+        from . import healthz, metrics
 
-        try:
-            from . import metrics
-        except ImportError:
-            metrics = None  # type: ignore[assignment]
-        if metrics is not None:
-            self.metrics = metrics.ProxyMetrics.create(self.config) if hasattr(metrics, "ProxyMetrics") else None
-            if self.config.metrics_bind_address and hasattr(metrics, "start_metrics_server"):
-                metrics.start_metrics_server(self.config.metrics_bind_address)
+        families = (4, 6)
+        self.metrics = metrics.ProxyMetrics(mode=self.config.mode, families=families)
+        if self.config.metrics_bind_address:
+            try:
+                metrics.start_metrics_server(self.config.metrics_bind_address, self.metrics, config=self.config)
+            except OSError as e:
+                if self.config.bind_address_hard_fail:
+                    raise
+                log.error("cannot serve metrics on %s: %s", self.config.metrics_bind_address, e)
         if self.config.healthz_bind_address:
             self.health = healthz.ProxyHealthServer(self.config.healthz_bind_address,
                                                     health_timeout=2 * max(self.config.sync_period, 1.0))
-            self.health.start()
+            try:
+                self.health.start()
+            except OSError as e:
+                if self.config.bind_address_hard_fail:
+                    raise
+                log.error("cannot serve healthz on %s: %s", self.config.healthz_bind_address, e)
+                self.health = None
         if hasattr(healthz, "ServiceHealthServer"):
-            self.service_health = healthz.ServiceHealthServer.from_config(self.config) \
-                if hasattr(healthz.ServiceHealthServer, "from_config") else healthz.ServiceHealthServer()
+            self.service_health = healthz.ServiceHealthServer()
 
     def _on_store_change(self) -> None:
         if self._queued_at is None:
             self._queued_at = time.time()
         if self.health is not None:
             self.health.queued_update()
+        if self.metrics is not None:
+            self.metrics.sync_queued()
         if self._loop is not None and self.runner is not None:
             self._loop.call_soon_threadsafe(self.runner.request)
 
@@ -93,6 +102,7 @@ class Daemon:
                     self.health.updated()
                 return
             t0 = time.monotonic()
+            self.need_full_before = full
             try:
                 result = self.dp.sync(self.snapshot, self.pending, full)
             except Exception:
@@ -130,17 +140,23 @@ class Daemon:
         if self.service_health is not None:
             with contextlib.suppress(Exception):
                 self._sync_service_health()
-        if self.metrics is not None:
-            try:
-                self.metrics.observe_sync(full=full, seconds=elapsed, changes=done, queued_at=queued_at,
-                                          result=result, stale_deleted=stale, dataplane=self.dp)
-            except Exception as e:
-                log.debug("metrics update failed: %s", e)
+        m = self.metrics
+        if m is not None:
+            m.changes_seen(services=len(done.service_keys))
+            m.sync_done(elapsed, full)
+            if queued_at is not None:
+                m.network_programmed([queued_at])
+            counts = getattr(self.dp, "rule_counts", None)
+            if counts:
+                for fam in (4, 6):
+                    m.set_iptables_rules({t: n for (f, t), n in counts.items() if f == fam}, family=fam)
+            if done.stale_udp:
+                m.conntrack_reconciled(0.0, stale)
 
     def _observe_failure(self) -> None:
         if self.metrics is not None:
             with contextlib.suppress(Exception):
-                self.metrics.observe_failure(self.config.mode)
+                self.metrics.sync_failed(partial=not self.need_full_before)
 
     def _sync_service_health(self) -> None:
         from . import healthz
