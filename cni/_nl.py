@@ -13,7 +13,6 @@ namespace it was created in, so :class:`NL` objects for the host and the pod can
 from __future__ import annotations
 
 import os
-import socket
 import struct
 import sys
 import types
@@ -93,6 +92,30 @@ def setns(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
+def delete_link_by_index(index: int) -> None:
+    """RTM_DELLINK for ``index`` in the current netns, without loading pyroute2.
+
+    DEL is on the pod-teardown path and deleting by index needs no attribute encoding at all, so
+    this one message is packed by hand (nlmsghdr + ifinfomsg) to spare DEL the ~45 ms pyroute2 import.
+    """
+    import _socket
+
+    s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    try:
+        s.bind((0, 0))
+        s.send(struct.pack("=IHHIIBxHiII", 32, RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, 1, 0, 0, 0, index, 0, 0))
+        while True:
+            data = s.recv(65536)
+            _, t, _, seq, _ = struct.unpack_from("=IHHII", data)
+            if t == NLMSG_ERROR and seq == 1:
+                err = struct.unpack_from("=i", data, 16)[0]
+                if err and -err not in (19, 2):  # ENODEV/ENOENT: already gone
+                    raise OSError(-err, os.strerror(-err))
+                return
+    finally:
+        s.close()
+
+
 class Link:
     __slots__ = ("flags", "index", "kind", "mac", "master", "mtu", "name", "peer_index")
 
@@ -112,6 +135,8 @@ class NL:
     """One NETLINK_ROUTE socket, bound to the netns that is current when it is created."""
 
     def __init__(self) -> None:
+        import socket
+
         self.m = _load()
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -295,13 +320,13 @@ class NL:
         msg["prefixlen"] = prefixlen
         msg["index"] = index
         attrs: list[Any] = [("IFA_LOCAL", address), ("IFA_ADDRESS", address)]
-        if family == socket.AF_INET and prefixlen < 31 and not delete:
+        if family == 2 and prefixlen < 31 and not delete:
             import ipaddress
 
             attrs.append(
                 ("IFA_BROADCAST", str(ipaddress.ip_network(f"{address}/{prefixlen}", False).broadcast_address))
             )
-        if family == socket.AF_INET6 and not delete:
+        if family == 10 and not delete:
             msg["flags"] = IFA_F_NODAD  # no tentative phase: the pod is usable as soon as ADD returns
         msg["attrs"] = attrs
         if delete:

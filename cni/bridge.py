@@ -28,7 +28,9 @@ from cni._skel import (
     ERR_UNSUPPORTED_FIELD,
     VALID_ATTACHMENTS_KEY,
     Args,
+    Child,
     CNIError,
+    Delegation,
     delegate,
     exec_plugin,
     normalize_result,
@@ -130,9 +132,12 @@ class _NS:
 
 def chain_name(name: str, container_id: str) -> str:
     """Same chain name as the reference plugins' ``utils.FormatChainName``."""
-    import hashlib
+    try:
+        from _sha512 import sha512  # the C module directly: hashlib's import costs a few ms
+    except ImportError:
+        from hashlib import sha512
 
-    return "CNI-" + hashlib.sha512((name + container_id).encode()).hexdigest()[:24]
+    return "CNI-" + sha512((name + container_id).encode()).hexdigest()[:24]
 
 
 def _comment(name: str, container_id: str) -> str:
@@ -157,14 +162,26 @@ def _ipt(family: int, args: list[str], stdin: bytes = b"", restore: bool = False
     return rc, out.decode(errors="replace")
 
 
-def _postrouting_jumps(family: int, chain: str) -> list[str]:
-    rc, out = _ipt(family, ["-w", "-t", "nat", "-S", "POSTROUTING"])
-    if rc != 0:
-        raise CNIError(ERR_INTERNAL, f"listing nat POSTROUTING failed (status {rc})")
-    return [ln for ln in out.splitlines() if ln.startswith("-A POSTROUTING ") and ln.endswith(f"-j {chain}")]
+class Listing:
+    """``iptables -t nat -S POSTROUTING``, started in the background as soon as we know we need it."""
+
+    def __init__(self, family: int) -> None:
+        exe = _find_exe("ip6tables" if family == AF_INET6 else "iptables")
+        self.child = Child(exe, dict(os.environ), b"", argv=[exe, "-w", "-t", "nat", "-S", "POSTROUTING"], quiet=True)
+
+    def jumps(self, chain: str) -> list[str]:
+        rc, out = self.child.wait()
+        if rc != 0:
+            raise CNIError(ERR_INTERNAL, f"listing nat POSTROUTING failed (status {rc})")
+        text = out.decode(errors="replace")
+        return [ln for ln in text.splitlines() if ln.startswith("-A POSTROUTING ") and ln.endswith(f"-j {chain}")]
 
 
-def setup_masq(family: int, name: str, cid: str, ips: list[tuple[str, int]]) -> None:
+def _postrouting_jumps(family: int, chain: str, listing: Listing | None = None) -> list[str]:
+    return (listing or Listing(family)).jumps(chain)
+
+
+def setup_masq(family: int, name: str, cid: str, ips: list[tuple[str, int]], listing: Listing | None = None) -> None:
     """Install the masquerade chain for one pod; idempotent (re-running yields the same rules)."""
     import ipaddress
 
@@ -172,7 +189,7 @@ def setup_masq(family: int, name: str, cid: str, ips: list[tuple[str, int]]) -> 
     comment = _quote(_comment(name, cid))
     host_len = 128 if family == AF_INET6 else 32
     mcast = "ff00::/8" if family == AF_INET6 else "224.0.0.0/4"
-    existing = set(_postrouting_jumps(family, chain))
+    existing = set(_postrouting_jumps(family, chain, listing))
     lines = ["*nat", f":{chain} - [0:0]"]  # with --noflush this creates the chain, or flushes it if present
     for ip, plen in ips:
         net = ipaddress.ip_network(f"{ip}/{plen}", strict=False)
@@ -188,10 +205,10 @@ def setup_masq(family: int, name: str, cid: str, ips: list[tuple[str, int]]) -> 
         raise CNIError(ERR_INTERNAL, f"failed to set up IP masquerading (status {rc})", out)
 
 
-def teardown_masq(family: int, name: str, cid: str) -> None:
+def teardown_masq(family: int, name: str, cid: str, listing: Listing | None = None) -> None:
     """Remove the pod's masquerade chain and its POSTROUTING jumps; silently succeeds if already gone."""
     chain = chain_name(name, cid)
-    dels = ["-D" + ln[2:] for ln in _postrouting_jumps(family, chain)]
+    dels = ["-D" + ln[2:] for ln in _postrouting_jumps(family, chain, listing)]
     body = ["*nat", *dels, f"-F {chain}", f"-X {chain}", "COMMIT\n"]
     rc, _ = _ipt(family, ["-w", "--noflush"], "\n".join(body).encode(), restore=True)
     if rc != 0 and dels:  # the chain was already gone: drop the dangling jumps alone
@@ -320,19 +337,36 @@ def _add_default_routes(bc: BridgeConf, res: dict[str, Any]) -> None:
             routes.append({"dst": dst, "gw": gw})
 
 
-def cmd_add(args: Args) -> dict[str, Any]:
-    from cni._nl import NL
+def _ifindex(ns_fd: int, ifname: str) -> int:
+    """Index of ``ifname`` in the netns, 0 if absent (if_nametoindex on a socket made inside it)."""
+    import _socket  # the C module: the socket wrapper pulls in enum & selectors (~8 ms)
 
+    with _NS(ns_fd):
+        try:
+            return _socket.if_nametoindex(ifname)
+        except OSError:
+            return 0
+
+
+def cmd_add(args: Args) -> dict[str, Any]:
     bc = BridgeConf(args.conf)
     ns_fd = _open_netns(args.netns)
-    nl = NL()
-    res: dict[str, Any] = {"ips": [], "routes": [], "dns": {}}
-    ipam_done = masq_done = False
+    nl: Any = None
+    ipam: Delegation | None = None
+    masq_done = False
     host_veth = ""
     try:
+        if _ifindex(ns_fd, args.ifname):
+            raise CNIError(ERR_INTERNAL, f"container veth name provided ({args.ifname}) already exists")
+        # Start IPAM first and let it run while we load netlink support and build the links: the two
+        # interpreter start-ups overlap. Nothing is left behind if either side fails (see _rollback).
+        if bc.ipam_type:
+            ipam = Delegation(bc.ipam_type, "ADD", args)
+        listings = {f: Listing(f) for f in _masq_families(args)} if bc.ip_masq else {}
+        from cni._nl import NL
+
+        nl = NL()
         br = _ensure_bridge(nl, bc)
-        # The veth comes first: it fails fast (nothing to undo) if CNI_IFNAME already exists in the pod,
-        # and IPAM is only asked once we own an interface; any later failure deletes both again.
         for _ in range(5):
             host_veth = "veth" + os.urandom(4).hex()
             try:
@@ -347,9 +381,15 @@ def cmd_add(args: Args) -> dict[str, Any]:
         else:
             host_veth = ""
             raise CNIError(ERR_INTERNAL, "could not find a free host veth name")
-        if bc.ipam_type:
-            ipam_done = True  # from here on a failure must release whatever IPAM may have allocated
-            res = delegate(bc.ipam_type, "ADD", args) or res
+        hv = nl.link(host_veth)
+        if hv is None:
+            raise CNIError(ERR_INTERNAL, f"host veth {host_veth} vanished")
+        nl.set_link(hv.index, master=br.index, up=True)
+        if bc.hairpin or bc.vlan:
+            nl.set_brport(hv.index, hairpin=True if bc.hairpin else None, vlan=bc.vlan)
+        res: dict[str, Any] = {"ips": [], "routes": [], "dns": {}}
+        if ipam is not None:
+            res = ipam.result() or res
             if bc.is_gw:
                 import ipaddress
 
@@ -358,12 +398,6 @@ def cmd_add(args: Args) -> dict[str, Any]:
                         ipc["gateway"] = str(ipaddress.ip_interface(ipc["address"]).network.network_address + 1)
             if bc.is_default_gw:
                 _add_default_routes(bc, res)
-        hv = nl.link(host_veth)
-        if hv is None:
-            raise CNIError(ERR_INTERNAL, f"host veth {host_veth} vanished")
-        nl.set_link(hv.index, master=br.index, up=True)
-        if bc.hairpin or bc.vlan:
-            nl.set_brport(hv.index, hairpin=True if bc.hairpin else None, vlan=bc.vlan)
         with _NS(ns_fd):
             cmac, _ = _configure_pod(bc, args.ifname, res)
         if bc.is_gw:
@@ -382,13 +416,14 @@ def cmd_add(args: Args) -> dict[str, Any]:
                 by_fam.setdefault(_family(ip), []).append((ip, plen))
             for fam, ips in by_fam.items():
                 masq_done = True
-                setup_masq(fam, bc.name, args.container_id, ips)
-        br = nl.link(bc.bridge) or br  # MAC may change when the first port is enslaved
+                setup_masq(fam, bc.name, args.container_id, ips, listings.get(fam))
+        br = nl.link(bc.bridge) or br  # the bridge's MAC may change when its first port is enslaved
     except BaseException:
-        _rollback(args, bc, nl, host_veth, ipam_done, masq_done)
+        _rollback(args, bc, nl, host_veth, ipam, masq_done)
         raise
     finally:
-        nl.close()
+        if nl is not None:
+            nl.close()
         os.close(ns_fd)
     for ipc in res["ips"]:
         ipc["interface"] = 2
@@ -403,53 +438,71 @@ def cmd_add(args: Args) -> dict[str, Any]:
     return res
 
 
-def _rollback(args: Args, bc: BridgeConf, nl: Any, host_veth: str, ipam_done: bool, masq_done: bool) -> None:
+def _rollback(args: Args, bc: BridgeConf, nl: Any, host_veth: str, ipam: Delegation | None, masq: bool) -> None:
+    """Undo a failed ADD: veth, masquerade rules and -- unless IPAM itself failed -- the IPAM allocation."""
     try:
-        if host_veth:
+        if host_veth and nl is not None:
             nl.del_link(name=host_veth)
-        if masq_done:
+        if masq:
             for fam in (AF_INET, AF_INET6):
                 teardown_masq(fam, bc.name, args.container_id)
     except Exception:
         pass
-    if ipam_done:
+    if ipam is not None:
         try:
-            delegate(bc.ipam_type, "DEL", args)
+            ipam.result()
         except Exception:
             pass
+        if not ipam.failed_cleanly:
+            try:
+                delegate(bc.ipam_type, "DEL", args)
+            except Exception:
+                pass
 
 
 # ---------------------------------------------------------------------------------------------
 # DEL / CHECK / STATUS / GC
 
 
+def _masq_families(args: Args) -> set[int]:
+    """Address families a pod's masquerade rules can exist for, without looking at its (gone) interface."""
+    prev = normalize_result(args.conf.get("prevResult") or {})
+    fams = {_family(ipc["address"]) for ipc in prev["ips"]}
+    if fams:
+        return fams
+    ipam = args.conf.get("ipam") or {}
+    if ipam.get("type") in ("host-local", "kproxy-host-local"):
+        from cni import _json
+
+        text = _json.dumps([ipam.get("ranges"), ipam.get("subnet")])
+        return {AF_INET6 if ":" in text else AF_INET} | ({AF_INET} if "." in text else set())
+    return {AF_INET, AF_INET6}
+
+
 def cmd_del(args: Args) -> None:
     bc = BridgeConf(args.conf)
-    if bc.ipam_type:
-        delegate(bc.ipam_type, "DEL", args)
-    fams: set[int] = set()
+    # IPAM and the iptables listing run in the background while we tear down the link.
+    ipam = Delegation(bc.ipam_type, "DEL", args) if bc.ipam_type else None
+    listings = {f: Listing(f) for f in sorted(_masq_families(args))} if bc.ip_masq else {}
     if args.netns:
         try:
             ns_fd = os.open(args.netns, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             ns_fd = -1  # netns already gone: the veth went with it
         if ns_fd >= 0:
-            from cni._nl import NL
-
             try:
-                with _NS(ns_fd), NL() as nl:
-                    link = nl.link(args.ifname)
-                    if link is not None:
-                        fams = {f for f, a, _ in nl.addrs(link.index) if f == AF_INET or not a.startswith("fe80:")}
-                        nl.del_link(link.index)
+                index = _ifindex(ns_fd, args.ifname)
+                if index:
+                    from cni._nl import delete_link_by_index
+
+                    with _NS(ns_fd):
+                        delete_link_by_index(index)  # takes the host end of the veth pair with it
             finally:
                 os.close(ns_fd)
-    if bc.ip_masq:
-        if not fams:
-            prev = normalize_result(args.conf.get("prevResult") or {})
-            fams = {_family(ipc["address"]) for ipc in prev["ips"]} or {AF_INET, AF_INET6}
-        for fam in sorted(fams):
-            teardown_masq(fam, bc.name, args.container_id)
+    for fam, listing in listings.items():
+        teardown_masq(fam, bc.name, args.container_id, listing)
+    if ipam is not None:
+        ipam.result()
 
 
 def cmd_check(args: Args) -> None:
