@@ -67,9 +67,8 @@ class Daemon:
                 if self.config.bind_address_hard_fail:
                     raise
                 log.error("cannot serve metrics on %s: %s", self.config.metrics_bind_address, e)
-        if self.config.healthz_bind_address:
-            self.health = healthz.ProxyHealthServer(self.config.healthz_bind_address,
-                                                    health_timeout=2 * max(self.config.sync_period, 1.0))
+        self.health = healthz.ProxyHealthServer.from_config(self.config, metrics=self.metrics)
+        if self.health is not None:
             try:
                 self.health.start()
             except OSError as e:
@@ -77,8 +76,7 @@ class Daemon:
                     raise
                 log.error("cannot serve healthz on %s: %s", self.config.healthz_bind_address, e)
                 self.health = None
-        if hasattr(healthz, "ServiceHealthServer"):
-            self.service_health = healthz.ServiceHealthServer()
+        self.service_health = healthz.ServiceHealthServer(proxy_health=self.health)
 
     def _on_store_change(self) -> None:
         if self._queued_at is None:
@@ -128,7 +126,7 @@ class Daemon:
         try:
             from . import conntrack
 
-            return int(conntrack.delete_stale(done.stale_udp) or 0)
+            return conntrack.delete_stale_udp(done.stale_udp, self.config.nodeport_addresses)
         except Exception as e:  # conntrack cleanup must never fail a sync
             log.warning("stale UDP conntrack cleanup failed: %s", e)
             return 0
@@ -138,8 +136,10 @@ class Daemon:
         if self.health is not None:
             self.health.updated()
         if self.service_health is not None:
-            with contextlib.suppress(Exception):
+            try:
                 self._sync_service_health()
+            except Exception as e:
+                log.warning("health check node port update failed: %s", e)
         m = self.metrics
         if m is not None:
             m.changes_seen(services=len(done.service_keys))
@@ -161,10 +161,9 @@ class Daemon:
     def _sync_service_health(self) -> None:
         from . import healthz
 
-        if hasattr(healthz, "service_health_from_snapshot"):
-            services, endpoints = healthz.service_health_from_snapshot(self.snapshot)
-            self.service_health.sync_services(services)
-            self.service_health.sync_endpoints(endpoints)
+        services, endpoints = healthz.health_check_targets(self.snapshot)
+        self.service_health.sync_services(services)
+        self.service_health.sync_endpoints(endpoints)
 
     # ---- main loop ------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -173,6 +172,9 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, stop.set)
         self.dp.setup()
+        from . import conntrack
+
+        conntrack.set_sysctls(self.config)
         self._start_servers()
         from .runner import SyncRunner
 
