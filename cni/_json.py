@@ -54,6 +54,12 @@ def loads(data: bytes | str) -> Any:
         obj, end = _scan(s, 0)
     except StopIteration as e:
         raise ValueError(f"Expecting value at char {e.value}") from None
+    except Exception:
+        # The C scanner builds its error from json.decoder, which it only finds if already imported
+        # (otherwise: SystemError). Malformed input is the rare path: let the json package explain.
+        import json
+
+        return json.loads(s)
     if s[end:].strip(_WS):
         raise ValueError(f"Extra data at char {end}")
     return obj
