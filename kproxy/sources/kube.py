@@ -67,6 +67,7 @@ CONNECT_TIMEOUT = 10.0
 LIST_READ_TIMEOUT = 60.0
 WATCH_READ_SLACK = 30.0  # read timeout = the watch's timeoutSeconds + this: a silent dead server is noticed
 READ_SIZE = 256 * 1024
+PROGRESS_AFTER = 10.0  # a watch that stayed up this long counts as healthy (its end resets the backoff)
 
 
 class KubeConfigError(RuntimeError):
@@ -200,6 +201,8 @@ def load_api_configuration(config: ProxyConfig) -> Any:
                 f"no --kubeconfig or --master given and the in-cluster configuration is unavailable: {e}"
             ) from None
     if config.master:
+        # Note: a kubeconfig's token refresh hook re-applies the kubeconfig (host included) to cfg on
+        # every auth_settings() call, so KubeSource also applies the override per request.
         cfg.host = config.master
     if not cfg.host:
         raise KubeConfigError(f"no API server address in kubeconfig {config.kubeconfig or '(none)'}")
@@ -245,7 +248,7 @@ class KubeSource:
         loop = asyncio.get_running_loop()
         self.ready = asyncio.Event()
         self._connect(await asyncio.to_thread(load_api_configuration, self.config))
-        log.info("kube source: API server %s, node %s", self._api_config.host, self.node_name)
+        log.info("kube source: API server %s, node %s", self.config.master or self._api_config.host, self.node_name)
         fatal: asyncio.Future[BaseException] = loop.create_future()
 
         def report(exc: BaseException) -> None:
@@ -318,7 +321,7 @@ class KubeSource:
         for auth in self._api_config.auth_settings().values():
             if auth.get("in") == "header" and auth.get("value"):
                 headers[auth["key"]] = auth["value"]
-        url = self._api_config.host.rstrip("/") + path
+        url = (self.config.master or self._api_config.host).rstrip("/") + path
         if params:
             url += "?" + urlencode(params)
         resp = self._pool.request(
@@ -431,7 +434,15 @@ class _Reflector:
         self.res = res
         self.rv = ""  # the last resourceVersion seen (list, event or bookmark)
         self.synced = False
+        self.received = 0  # watch lines received by the current attempt
+        self.watch_started = 0.0  # monotonic start of the current watch (0: none)
         self.backoff = Backoff(src.backoff_initial, src.backoff_cap)
+
+    def _made_progress(self) -> bool:
+        """Whether the last watch got anything or stayed up a while (client-go resets its backoff after
+        2 min without failures; a quiet watch cut after hours must not inherit an old backoff)."""
+        return bool(self.received) or (
+            self.watch_started > 0 and time.monotonic() - self.watch_started >= PROGRESS_AFTER)
 
     def _sleep(self, delay: float) -> None:
         if self.src._stop.wait(delay):
@@ -441,11 +452,13 @@ class _Reflector:
         need_list = True
         relist_without_progress = 0
         while not self.src._stop.is_set():
-            progressed = False
+            self.received = 0
+            self.watch_started = 0.0
             try:
                 if need_list:
                     self.list()
                     need_list = False
+                    self.backoff.reset()
                 progressed = self.watch()
                 if progressed:
                     relist_without_progress = 0
@@ -461,12 +474,14 @@ class _Reflector:
                     log.info("kube source: %s watch from resourceVersion %s: %s; relisting",
                              self.res.kind, self.rv, e)
                     need_list = True
-                    relist_without_progress += 1
+                    relist_without_progress = 1 if self._made_progress() else relist_without_progress + 1
                     if relist_without_progress > 1:  # a server that keeps saying 410: don't hot-loop
                         self._sleep(self.backoff.next())
                     continue
                 log.warning("kube source: %s %s failed: %s", self.res.kind,
                             "watch" if not need_list else "list", e)
+                if self._made_progress():
+                    self.backoff.reset()
                 delay = self.backoff.next()
                 if e.code == 429 and e.retry_after:
                     delay = max(delay, min(e.retry_after, self.src.backoff_cap))
@@ -474,6 +489,8 @@ class _Reflector:
             except _NETWORK_ERRORS as e:
                 if self.src._stop.is_set():
                     return
+                if self._made_progress():  # the watch worked for a while: a fresh disconnect, retry soon
+                    self.backoff.reset()
                 self.src.stats.errors += 1
                 log.warning("kube source: %s %s interrupted: %s", self.res.kind,
                             "watch" if not need_list else "list", e)
@@ -554,11 +571,10 @@ class _Reflector:
         }
         if self.res.field_selector:
             params["fieldSelector"] = self.res.field_selector
-        started = time.monotonic()
+        started = self.watch_started = time.monotonic()
         resp = src.request(self.res.path, params, timeout + src.watch_read_slack)
         src.stats.watches += 1
         clean = False
-        received = 0
         try:
             if resp.status != 200:
                 raise _status_from(resp)
@@ -572,16 +588,16 @@ class _Reflector:
                 pending.append(chunk)
                 lines = b"".join(pending).split(b"\n")
                 pending = [lines.pop()] if lines[-1] else []
-                received += self._handle_lines(lines)
+                self.received += self._handle_lines(lines)
             clean = True
             if pending and b"".join(pending).strip():
                 raise urllib3.exceptions.ProtocolError("watch stream ended inside an event")
         finally:
             src.release(resp, broken=not clean)
-        if received:
+        if self.received:
             return True
-        # No event at all: a full, quiet timeout period is fine; an immediate EOF is not (back off).
-        return time.monotonic() - started >= min(timeout, 30) * 0.9
+        # No event at all: a quiet watch that lasted is fine; an immediate EOF is not (back off).
+        return time.monotonic() - started >= min(timeout * 0.9, PROGRESS_AFTER)
 
     def _handle_lines(self, lines: list[bytes]) -> int:
         """Parse complete watch lines, queue the events in one batch; raise on an ERROR event."""

@@ -40,6 +40,7 @@ from __future__ import annotations
 import base64
 import bisect
 import json
+import select
 import socket
 import threading
 import time
@@ -111,6 +112,7 @@ class FakeApiServer:
         self.max_watch_seconds: float | None = None  # cap on timeoutSeconds (to exercise normal watch ends)
         self.bookmark_interval: float | None = None  # periodic bookmarks, like the real server (~1/min)
         self.replay = 0  # resumed watches re-send this many already-delivered events
+        self.after_list_page: Any = None  # callable(resource, params) run after a list page is sent
         self._failures: list[_Failure] = []
         self._snapshots: dict[int, tuple[int, list[bytes]]] = {}
         self._snap_seq = 0
@@ -304,6 +306,14 @@ class _Handler(BaseHTTPRequestHandler):
                      extra: dict[str, str] | None = None) -> None:
         self._send_json(code, _dumps(_status(code, reason or _REASONS.get(code, "Unknown"), message)), extra)
 
+    def _client_gone(self) -> bool:
+        """Whether the client closed the connection (a watch client sends nothing after its request)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
@@ -396,6 +406,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = b'{"kind":"%s","apiVersion":"%s","metadata":%s,"items":[%s]}' % (
             kind.encode() + b"List", api_version.encode(), _dumps(meta), b",".join(page))
         self._send_json(200, body)
+        if fake.after_list_page is not None:
+            fake.after_list_page(resource, params)
 
     # ---- watch
     def _watch(self, resource: str, params: dict[str, str], name_filter: str) -> None:
@@ -461,7 +473,9 @@ class _Handler(BaseHTTPRequestHandler):
                             fake.bookmark_interval is not None and now - last_bookmark >= fake.bookmark_interval))
                         if pending or want_bm or now >= deadline:
                             break
-                        fake.cond.wait(min(deadline - now, 0.5))
+                        if self._client_gone():
+                            return
+                        fake.cond.wait(min(deadline - now, 0.1))
                     if fake._drop_epoch != drop_epoch:
                         partial = fake._drop_partial
                         break
