@@ -180,6 +180,8 @@ class Daemon:
 
         self.runner = SyncRunner(self.sync, self.config.min_sync_period, self.config.sync_period)
         self.store.add_listener(self._on_store_change)
+        if self.health is not None:
+            self.health.queued_update()  # unhealthy until the first sync has programmed the kernel
         source = self._source()
         tasks = [asyncio.create_task(source.run(self.store), name="source")]
         if self.config.dns_listen:

@@ -247,17 +247,25 @@ class Topology:
         return rc
 
     def wait_healthy(self, timeout: float = 30, port: int = 10256) -> None:
-        """Wait until the daemon in the node namespace reports a completed sync on /healthz."""
+        """Wait until the daemon in the node namespace has completed its first sync.
+
+        /healthz answers 200 while no update is overdue (kube-proxy's rule, which also reports the top-level
+        ``lastUpdated`` as "now" when healthy), so the first successful sync is recognised by the per-family
+        ``status`` entries, which appear only once a family has been programmed.
+        """
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
-            p = self.exec(self.node, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                                      f"http://127.0.0.1:{port}/healthz"], check=False, timeout=10)
+            p = self.exec(self.node, ["curl", "-s", "-w", "\n%{http_code}", f"http://127.0.0.1:{port}/healthz"],
+                          check=False, timeout=10)
             last = p.stdout
-            if last == "200":
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"kproxy did not become healthy in {timeout}s (last status {last!r}); "
+            body, _, code = last.rpartition("\n")
+            if code == "200":
+                with contextlib.suppress(ValueError):
+                    if json.loads(body).get("status"):
+                        return
+            time.sleep(0.1)
+        raise TimeoutError(f"kproxy did not complete a sync in {timeout}s (last /healthz {last!r}); "
                            f"log: {self.read_log()}")
 
     def read_log(self, name: str = "kproxy.log") -> str:
