@@ -458,7 +458,8 @@ class ServiceHealthServer:
         self.node_ips = ips or ["0.0.0.0"]
         self._loop = loop
         self._on_error = on_error
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _services and the counts (taken by request handlers)
+        self._sync_lock = threading.Lock()  # serialises sync_services callers
         self._services: dict[ServiceName, _HcInstance] = {}
 
     def sync_services(self, services: Mapping[ServiceName, int]) -> None:
@@ -467,31 +468,35 @@ class ServiceHealthServer:
         A port that cannot be opened (in use, no such address) is logged and skipped; it is retried on the
         next call, as kube-proxy does.
         """
-        with self._lock:
-            for name, inst in list(self._services.items()):
-                if services.get(name) != inst.port:
-                    log.info("closing health check for service %s/%s on port %d", *name, inst.port)
-                    for lst in inst.listeners:
-                        lst.close()
-                    del self._services[name]
-            for name, port in services.items():
-                if name in self._services or not port:
-                    continue
-                inst = _HcInstance(name, int(port))
+        # Listeners are opened and closed without holding self._lock: the HTTP loop thread takes that lock
+        # to answer requests, and opening/closing waits for the loop thread.
+        with self._sync_lock:
+            with self._lock:
+                stale = [inst for name, inst in self._services.items() if services.get(name) != inst.port]
+                for inst in stale:
+                    del self._services[inst.name]
+                missing = {n: int(p) for n, p in services.items() if p and n not in self._services}
+            for inst in stale:
+                log.info("closing health check for service %s/%s on port %d", *inst.name, inst.port)
+                for lst in inst.listeners:
+                    lst.close()
+            for name, port in missing.items():
+                inst = _HcInstance(name, port)
                 try:
                     for ip in self.node_ips:
                         inst.listeners.append((self._loop or HttpLoop.default()).listen(
-                            ip, inst.port, lambda req, n=name: self._handle(n, req)))
+                            ip, port, lambda req, n=name: self._handle(n, req)))
                 except OSError as e:
                     for lst in inst.listeners:
                         lst.close()
                     log.error("node failed to start health check for service %s/%s on port %d: %s",
                               name[0], name[1], port, e)
                     if self._on_error is not None:
-                        self._on_error(name, int(port), e)
+                        self._on_error(name, port, e)
                     continue
                 log.info("opened health check for service %s/%s on port %d", *name, port)
-                self._services[name] = inst
+                with self._lock:
+                    self._services[name] = inst
 
     def sync_endpoints(self, endpoints: Mapping[ServiceName, int]) -> None:
         """Set the number of local ready endpoints per Service; Services not named get 0."""

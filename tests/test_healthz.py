@@ -339,3 +339,31 @@ def test_service_health_with_many_ports_opens_and_closes_quickly(loop):
         assert all(refused(p) for p in list(ports.values())[:5])
     finally:
         svc.stop()
+
+
+def test_sync_services_while_checks_are_being_answered(loop):
+    """Opening/closing listeners must not deadlock with the HTTP thread answering other checks."""
+    import threading
+
+    svc = ServiceHealthServer(None, ["127.0.0.1"], loop=loop)
+    a, b = free_port(), free_port()
+    svc.sync_services({("ns", "a"): a})
+    svc.sync_endpoints({("ns", "a"): 1})
+    stop = threading.Event()
+    answers: list[int] = []
+
+    def hammer() -> None:
+        while not stop.is_set():
+            answers.append(get(a, "/")[0])
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        for i in range(30):
+            svc.sync_services({("ns", "a"): a, ("ns", "b"): b} if i % 2 == 0 else {("ns", "a"): a})
+    finally:
+        stop.set()
+        t.join(10)
+        svc.stop()
+    assert not t.is_alive()
+    assert answers and set(answers) == {200}
