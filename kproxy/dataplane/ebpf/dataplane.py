@@ -366,6 +366,7 @@ class EbpfDataPlane:
         return n
 
     # ---- node addresses (NodePort destinations) -----------------------------------------------------------
+    @loader.off_loop
     def _wanted_node_addrs(self) -> set[str]:
         from pyroute2 import IPRoute
 
@@ -416,10 +417,7 @@ class EbpfDataPlane:
         for cg in sorted(c for c in cgroups if c):
             found |= loader.detach_cgroup(cg) > 0
         with contextlib.suppress(Exception):
-            from pyroute2 import IPRoute
-
-            with IPRoute() as ipr:
-                ifaces.update(link.get_attr("IFLA_IFNAME") for link in ipr.get_links())
+            ifaces.update(loader.all_interfaces())
         found |= loader.detach_tc(sorted(i for i in ifaces if i and loader.tc_attached(i))) > 0
         for name in m.MAPS:
             path = os.path.join(self.pin_dir, name)

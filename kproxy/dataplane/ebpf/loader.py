@@ -8,18 +8,24 @@ tc; no window without a program) and cleanup must detach explicitly.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import errno
+import functools
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from . import bpfsys as sys_
 from .kheaders import HeadersError, ensure_kernel_source
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 TC_PRIO = 0xC1  # our filters' priority and handle on clsact ingress/egress
 TC_HANDLE = 0xC1
@@ -38,6 +44,25 @@ SOCK_PROGS: dict[str, tuple[int, str]] = {
     "kp_getpeer6": (sys_.CGROUP_INET6_GETPEERNAME, "BPF_CGROUP_INET6_GETPEERNAME (Linux 5.8)"),
 }
 TC_PROGS = ("kp_tc_in", "kp_tc_out")
+
+
+def off_loop(fn: Callable[P, T]) -> Callable[P, T]:
+    """Run ``fn`` in a helper thread when this thread runs an asyncio loop.
+
+    pyroute2's synchronous API drives its own event loop and fails inside a running one (the daemon calls
+    the data plane from its loop).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return fn(*args, **kwargs)
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            return ex.submit(fn, *args, **kwargs).result()
+
+    return wrapper
 
 
 class LoadError(RuntimeError):
@@ -220,6 +245,7 @@ def attached_cgroup_progs(path: str) -> dict[str, list[int]]:
 
 # ---- tc ------------------------------------------------------------------------------------------------
 
+@off_loop
 def default_interfaces() -> list[str]:
     """Interfaces that carry a default route in this network namespace (the node's external ones)."""
     from pyroute2 import IPRoute
@@ -236,6 +262,15 @@ def default_interfaces() -> list[str]:
     return names
 
 
+@off_loop
+def all_interfaces() -> list[str]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+
+
+@off_loop
 def attach_tc(interfaces: Iterable[str], progs: Programs) -> None:
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
@@ -260,6 +295,7 @@ def attach_tc(interfaces: Iterable[str], progs: Programs) -> None:
                                     "CONFIG_NET_CLS_BPF with direct-action (Linux 4.4)") from None
 
 
+@off_loop
 def tc_attached(ifname: str) -> list[str]:
     """Names of our tc programs on ``ifname`` (ingress and egress)."""
     from pyroute2 import IPRoute
@@ -282,6 +318,7 @@ def tc_attached(ifname: str) -> list[str]:
     return out
 
 
+@off_loop
 def detach_tc(interfaces: Iterable[str]) -> int:
     """Delete our filters (not the clsact qdisc: other tools may share it) from ``interfaces``."""
     from pyroute2 import IPRoute
