@@ -555,3 +555,42 @@ def health_check_targets(snapshot: Any) -> tuple[dict[ServiceName, int], dict[Se
             if ep.is_local and ep.ready:
                 local_ips.setdefault(spn.service_key, set()).add(ep.ip)
     return services, {k: len(v) for k, v in local_ips.items()}
+
+
+def node_ips_for(nodeport_addresses: Iterable[str]) -> list[str]:
+    """Local addresses matching ``--nodeport-addresses`` CIDRs, where health-check ports should listen.
+
+    Empty (or ``primary``, which kube-proxy resolves from the Node object) means every address, returned as
+    ``[]`` so :class:`ServiceHealthServer` listens on the wildcard -- kube-proxy's fallback as well when the
+    addresses cannot be read.
+    """
+    import ipaddress
+
+    nets = [ipaddress.ip_network(c, strict=False) for c in nodeport_addresses if c and c != "primary"]
+    if not nets:
+        return []
+
+    def read() -> list[str]:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            return [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr()]
+
+    try:
+        try:
+            asyncio.get_running_loop()
+            in_loop = True
+        except RuntimeError:
+            in_loop = False
+        if in_loop:
+            # pyroute2's synchronous API drives its own event loop: keep it off a thread that runs one.
+            import concurrent.futures
+
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                addrs = pool.submit(read).result(10)
+        else:
+            addrs = read()
+    except Exception as e:
+        log.error("cannot read node addresses for nodePortAddresses (%s); health checks listen on all", e)
+        return []
+    return sorted({a for a in addrs if a and any(ipaddress.ip_address(a) in n for n in nets)})

@@ -17,6 +17,7 @@ from kproxy.healthz import (
     go_time,
     health_check_targets,
     node_eligible,
+    node_ips_for,
 )
 from kproxy.metrics import ProxyMetrics
 from kproxy.snapshot import ProxySnapshot
@@ -367,3 +368,16 @@ def test_sync_services_while_checks_are_being_answered(loop):
         svc.stop()
     assert not t.is_alive()
     assert answers and set(answers) == {200}
+
+
+def test_node_ips_for_nodeport_addresses(loop):
+    assert node_ips_for([]) == [] and node_ips_for(["primary"]) == []  # wildcard
+    assert node_ips_for(["127.0.0.0/8"]) == ["127.0.0.1"]
+    assert node_ips_for(["192.0.2.0/24"]) == []  # no such local address: wildcard, as kube-proxy falls back
+    svc = ServiceHealthServer(None, node_ips_for(["127.0.0.0/8"]), loop=loop)
+    port = free_port()
+    try:
+        svc.sync_services({("ns", "x"): port})
+        assert get(port, "/")[0] == 503
+    finally:
+        svc.stop()
