@@ -593,4 +593,8 @@ def node_ips_for(nodeport_addresses: Iterable[str]) -> list[str]:
     except Exception as e:
         log.error("cannot read node addresses for nodePortAddresses (%s); health checks listen on all", e)
         return []
-    return sorted({a for a in addrs if a and any(ipaddress.ip_address(a) in n for n in nets)})
+    ips = sorted({a for a in addrs if a and any(ipaddress.ip_address(a) in n for n in nets)})
+    if not ips:
+        log.warning("no local address matches nodePortAddresses %s; health checks listen on all addresses",
+                    ", ".join(map(str, nets)))
+    return ips

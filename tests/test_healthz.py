@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import socket
+import subprocess
 import time
 
 import pytest
@@ -373,7 +375,13 @@ def test_sync_services_while_checks_are_being_answered(loop):
 def test_node_ips_for_nodeport_addresses(loop):
     assert node_ips_for([]) == [] and node_ips_for(["primary"]) == []  # wildcard
     assert node_ips_for(["127.0.0.0/8"]) == ["127.0.0.1"]
-    assert node_ips_for(["192.0.2.0/24"]) == []  # no such local address: wildcard, as kube-proxy falls back
+    # Every local address in a CIDR, per iproute2's view of this namespace.
+    out = subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True, check=True).stdout
+    local = {a["local"] for link in json.loads(out) for a in link.get("addr_info", [])}
+    want = sorted(a for a in local if ipaddress.ip_address(a) in ipaddress.ip_network("192.0.0.0/2"))
+    assert node_ips_for(["192.0.0.0/2"]) == want
+    if "198.51.100.254" not in local:
+        assert node_ips_for(["198.51.100.254/32"]) == []  # nothing matches: wildcard (logged)
     svc = ServiceHealthServer(None, node_ips_for(["127.0.0.0/8"]), loop=loop)
     port = free_port()
     try:
