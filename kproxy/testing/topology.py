@@ -81,6 +81,7 @@ class Topology:
     ipv6: bool = True
     node_name: str = "node-a"
     servers: bool = True
+    cni: bool = False  # create pods through kproxy's CNI plugins (as kubelet would) instead of `ip` commands
 
     def __post_init__(self) -> None:
         self.node = f"{self.prefix}-node"
@@ -149,7 +150,22 @@ class Topology:
         for _ in range(self.pods):
             self.add_pod()
 
+    def cni_conf(self) -> dict[str, Any]:
+        """The network configuration list the pods get when ``cni`` is set (bridge + host-local IPAM)."""
+        ranges = [[{"subnet": POD_CIDR, "gateway": GATEWAY}]]
+        if self.ipv6:
+            ranges.append([{"subnet": POD_CIDR6, "gateway": GATEWAY6}])
+        return {"cniVersion": "1.1.0", "name": "kproxy-demo", "plugins": [{
+            "type": "kproxy-bridge", "bridge": BRIDGE, "isGateway": True, "isDefaultGateway": True,
+            "hairpinMode": True, "capabilities": {"ips": True},
+            "ipam": {"type": "kproxy-host-local", "dataDir": os.path.join(self.workdir, "ipam"),
+                     "ranges": ranges},
+        }]}
+
     def _attach(self, ns: str, ip: str, ip6: str, port_dev: str) -> None:
+        if self.cni:
+            self._attach_cni(ns, ip, ip6)
+            return
         self._add_ns(ns)
         ipn = ["ip", "-n", self.node]
         run([*ipn, "link", "add", port_dev, "type", "veth", "peer", "name", "eth0", "netns", ns])
@@ -163,6 +179,16 @@ class Topology:
         if self.ipv6:
             run([*ipp, "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad"])
             run([*ipp, "route", "add", "default", "via", GATEWAY6])
+
+    def _attach_cni(self, ns: str, ip: str, ip6: str) -> None:
+        from cni import runtime
+
+        self._add_ns(ns)
+        bindir = os.path.dirname(sys.executable)
+        ips = [f"{ip}/24"] + ([f"{ip6}/64"] if self.ipv6 else [])
+        # the plugin runs inside the node namespace, so the bridge and its rules live there, as on a node
+        runtime.add(self.cni_conf(), f"{self.prefix}-{ns}", f"/var/run/netns/{ns}", "eth0",
+                    cni_path=[bindir, "/usr/lib/cni"], runtime_config={"ips": ips}, netns_exec=self.node)
 
     def add_pod(self, name: str | None = None) -> Pod:
         i = self._next_index
