@@ -243,6 +243,9 @@ def _ensure_bridge(nl: Any, bc: BridgeConf) -> Any:
             nl.add_bridge(bc.bridge, bc.mtu, vlan_filtering=bool(bc.vlan))
         except FileExistsError:
             pass  # a concurrent ADD created it
+        except OSError as e:
+            what = " with VLAN filtering" if bc.vlan else ""
+            raise CNIError(ERR_INTERNAL, f"failed to create bridge {bc.bridge!r}{what}: {e.strerror}") from None
         br = nl.link(bc.bridge)
         if br is None:
             raise CNIError(ERR_INTERNAL, f"could not create bridge {bc.bridge!r}")
