@@ -620,7 +620,7 @@ class _Reflector:
                 rv = _meta_rv(obj)
                 if etype == "BOOKMARK":
                     stats.bookmarks += 1
-                    if rv:
+                    if rv and rv_newer(rv, self.rv):
                         self.rv = rv
                     continue
                 if etype not in ("ADDED", "MODIFIED", "DELETED") or not isinstance(obj, dict):
