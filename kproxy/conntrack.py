@@ -30,6 +30,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,28 +110,48 @@ def _matchers(stale: Iterable[StaleUDP], nodeport_addresses: Iterable[str]) -> d
 
 
 def delete_stale_udp(stale: Iterable[StaleUDP], nodeport_addresses: Iterable[str] = (), *,
-                     backend: str = "auto") -> int:
+                     backend: str = "auto", metrics: Any = None) -> int:
     """Delete the conntrack flows described by ``stale``; return how many were deleted.
 
     ``backend`` is ``auto`` (netlink, falling back to the CLI), ``netlink`` or ``cli``. Errors are logged,
     never raised: a failed cleanup must not fail the sync (the flows will time out eventually).
+    With ``metrics`` (a :class:`kproxy.metrics.ProxyMetrics`) the per-family duration and deletions are
+    recorded as kube-proxy's ``kubeproxy_conntrack_reconciler_*`` metrics.
 
     Blocking; call it from a worker thread (``asyncio.to_thread``). Called from a thread that runs an
     event loop it hands the netlink work to a helper thread, because pyroute2's synchronous API drives its
     own loop.
     """
+    stale = list(stale)
     matchers = _matchers(stale, nodeport_addresses)
     if not matchers:
         return 0
     if backend in ("auto", "netlink"):
         try:
-            return _off_loop(lambda: sum(_delete_netlink(fam, m) for fam, m in matchers.items()))
+            per_family = _off_loop(lambda: [_timed(_delete_netlink, fam, m) for fam, m in matchers.items()])
         except Exception as e:
             if backend == "netlink":
                 log.error("conntrack cleanup over netlink failed: %s", e)
                 return 0
             log.warning("conntrack cleanup over netlink failed (%s); using the conntrack CLI", e)
-    return _delete_cli(stale, nodeport_addresses)
+        else:
+            if metrics is not None:
+                for fam, (deleted, seconds) in zip(matchers, per_family, strict=True):
+                    metrics.conntrack_reconciled(seconds, deleted, "IPv6" if fam == socket.AF_INET6 else "IPv4")
+            return sum(deleted for deleted, _ in per_family)
+    t0 = time.monotonic()
+    by_family = _delete_cli(stale, nodeport_addresses)
+    if metrics is not None:
+        seconds = time.monotonic() - t0
+        for fam, deleted in by_family.items():
+            metrics.conntrack_reconciled(seconds, deleted, "IPv6" if fam == "ipv6" else "IPv4")
+    return sum(by_family.values())
+
+
+def _timed(fn: Any, *args: Any) -> tuple[int, float]:
+    t0 = time.monotonic()
+    n = fn(*args)
+    return n, time.monotonic() - t0
 
 
 def _off_loop(fn: Any) -> Any:
@@ -177,13 +198,17 @@ def _delete_netlink(family: int, m: _Matcher) -> int:
 _DELETED = re.compile(r"(\d+) flow entr(?:y|ies) ha(?:s|ve) been deleted")
 
 
-def _delete_cli(stale: Iterable[StaleUDP], nodeport_addresses: Iterable[str] = ()) -> int:
-    """``conntrack -D`` per record; exit status 1 with "0 flow entries" just means nothing matched."""
+def _delete_cli(stale: Iterable[StaleUDP], nodeport_addresses: Iterable[str] = ()) -> dict[str, int]:
+    """``conntrack -D`` per record and family; returns deletions by family (``ipv4``/``ipv6``).
+
+    Exit status 1 with "0 flow entries" just means nothing matched. The CLI cannot filter by destination
+    CIDR, so ``nodeport_addresses`` does not narrow NodePort deletions here.
+    """
     binary = shutil.which("conntrack")
     if binary is None:
         log.error("cannot delete stale conntrack entries: no netlink and no conntrack binary")
-        return 0
-    total = 0
+        return {}
+    total: dict[str, int] = {}
     seen: set[tuple[str, int, str, str, bool]] = set()
     for rec in stale:
         key = (rec.vip, rec.port, rec.protocol, rec.endpoint_ip, rec.node_port)
@@ -193,7 +218,7 @@ def _delete_cli(stale: Iterable[StaleUDP], nodeport_addresses: Iterable[str] = (
         addr = rec.endpoint_ip or rec.vip
         fams = ["ipv6" if ":" in addr else "ipv4"] if addr else ["ipv4", "ipv6"]
         for fam in fams:
-            total += _cli_one(binary, fam, rec)
+            total[fam] = total.get(fam, 0) + _cli_one(binary, fam, rec)
     return total
 
 

@@ -233,3 +233,24 @@ def test_conntrack_max_rule():
     assert conntrack_max(32768, 131072, cpus=2) == 131072
     assert conntrack_max(32768, 131072, cpus=8) == 262144
     assert conntrack_max(0, 131072, cpus=8) == 0
+
+
+@pytest.mark.parametrize("backend", ["netlink", "cli"])
+def test_reconciler_metrics_per_family(ns, backend):
+    make_flows(ns)
+    code = textwrap.dedent(f"""
+        from kproxy.metrics import ProxyMetrics
+        m = ProxyMetrics('iptables', families=('IPv4', 'IPv6'), process=False)
+        n = delete_stale_udp([StaleUDP('10.96.0.10', 53, 'UDP', '10.99.0.2'),
+                              StaleUDP('fd00:96::11', 53, 'UDP', 'fd00:99::3')], backend={backend!r}, metrics=m)
+        deleted = {{f: m.conntrack_reconciler_deleted_entries_total.labels(ip_family=f)._value.get()
+                   for f in ('IPv4', 'IPv6')}}
+        count = {{s.labels['ip_family']: s.value for f in m.registry.collect()
+                 if f.name == 'kubeproxy_conntrack_reconciler_sync_duration_seconds'
+                 for s in f.samples if s.name.endswith('_count')}}
+        result = [n, deleted, count]
+    """)
+    n, deleted, count = ns.kproxy(code)
+    assert n == 3
+    assert deleted == {"IPv4": 2, "IPv6": 1}
+    assert count == {"IPv4": 1, "IPv6": 1}
