@@ -455,8 +455,6 @@ class EbpfDataPlane:
                 if (group, key.family, kind, addr) not in seen:
                     seen.add((group, key.family, kind, addr))
                     st.frontends.append(FrontendStatus(kind, addr, key.proto))
-                path = "socket" if key.kind in (m.KIND_SOCK, m.KIND_SOCK_NP) else "tc"
-                st.notes.append(f"{path} {addr} -> set {set_id} ({count} backends, role {role})")
                 if (role == "i" or not st.backends) and count:
                     bes = [slots.get((set_id, s)) for s in range(count)]
                     st.backends = [BackendStatus(f"[{b[0]}]:{b[1]}" if ":" in b[0] else f"{b[0]}:{b[1]}",
