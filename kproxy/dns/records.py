@@ -7,7 +7,7 @@ Implements the Kubernetes DNS-Based Service Discovery specification, schema 1.1.
   ``_<port>._<proto>.<svc>.<ns>.svc.<zone>`` for every named Service port, targeting the Service name;
   PTR (in-addr.arpa / ip6.arpa) for every ClusterIP.
 - Headless: A/AAAA per *ready* endpoint (all endpoints with ``publishNotReadyAddresses``) at the Service
-  name, ``<hostname>.<svc>.<ns>.svc.<zone>`` per endpoint, SRV per endpoint × named EndpointSlice port
+  name, ``<hostname>.<svc>.<ns>.svc.<zone>`` per endpoint, SRV per endpoint x named EndpointSlice port
   (the ports the pods really listen on, as CoreDNS does) and PTR to the hostname record. An endpoint
   without ``hostname`` gets the system-assigned hostname the spec allows: its address with ``.``/``:``
   replaced by ``-`` (CoreDNS's choice, e.g. ``10-244-1-7``). No ready endpoints → no records (NXDOMAIN).
