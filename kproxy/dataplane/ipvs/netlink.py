@@ -8,12 +8,13 @@ i.e. over 15 minutes. Here the messages are packed with :mod:`struct` (same attr
 go out in one ``send()`` and the kernel's per-message ACKs are collected afterwards, so a request costs a
 few microseconds of Python and no extra system call. Errors are still reported per request.
 
-pyroute2 remains the tool for one-off link management (creating ``kube-ipvs0``); everything here is the
-hot path of a sync.
+Links are managed here too (creating ``kube-ipvs0``): pyroute2's synchronous ``IPRoute`` runs its own
+event loop and fails inside the daemon's running (uv)loop ("this event loop is already running").
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -69,7 +70,10 @@ SVC_F_SCHED2 = 0x10  # sh/mh: hash the port too
 PROTO_NUM = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
 
+RTM_NEWLINK, RTM_DELLINK = 16, 17
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+IFLA_IFNAME, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 18, 1
+IFF_UP = 0x1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 IFA_F_NODAD = 0x2
 
@@ -417,6 +421,33 @@ class AddrClient:
 
     def commit(self) -> list[NetlinkError]:
         return self.nl.commit()
+
+    def ensure_dummy(self, name: str) -> int:
+        """Create the dummy link ``name`` unless it exists, bring it up; returns its ifindex."""
+        idx = 0
+        with contextlib.suppress(OSError):
+            idx = socket.if_nametoindex(name)
+        if not idx:
+            info = _nest(IFLA_LINKINFO, _nla(IFLA_INFO_KIND, b"dummy\0"))
+            self.nl.queue(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
+                          struct.pack("=BxHiII", 0, 0, 0, 0, 0) + _nla(IFLA_IFNAME, name.encode() + b"\0") + info,
+                          f"create dummy link {name}", tolerant=True)
+            errors = self.nl.commit()
+            if errors:
+                raise errors[0]
+            idx = socket.if_nametoindex(name)
+        self.nl.queue(RTM_NEWLINK, 0, struct.pack("=BxHiII", 0, 0, idx, IFF_UP, IFF_UP), f"set {name} up")
+        errors = self.nl.commit()
+        if errors:
+            raise errors[0]
+        return idx
+
+    def delete_link(self, ifindex: int) -> None:
+        self.nl.queue(RTM_DELLINK, 0, struct.pack("=BxHiII", 0, 0, ifindex, 0, 0), f"delete link {ifindex}",
+                      tolerant=True)
+        errors = self.nl.commit()
+        if errors:
+            raise errors[0]
 
     def dump(self) -> list[tuple[int, str, int]]:
         """Every address in this namespace: (ifindex, address, prefix length)."""

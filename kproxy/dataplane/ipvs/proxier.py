@@ -150,18 +150,11 @@ class IpvsDataPlane:
             self._reaper.start()
 
     def _ensure_dummy(self) -> None:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=DUMMY)
-            if not idx:
-                try:
-                    ipr.link("add", ifname=DUMMY, kind="dummy")
-                except Exception as e:
-                    raise SetupError(f"cannot create {DUMMY} (dummy link type; modprobe dummy): {e}") from None
-                idx = ipr.link_lookup(ifname=DUMMY)
-            self._ifindex = idx[0]
-            ipr.link("set", index=self._ifindex, state="up")
+        assert self._addr is not None
+        try:
+            self._ifindex = self._addr.ensure_dummy(DUMMY)
+        except OSError as e:
+            raise SetupError(f"cannot create {DUMMY} (dummy link type; modprobe dummy): {e}") from None
 
     def _apply_timeouts(self) -> None:
         """Apply ipvs.tcpTimeout/tcpFinTimeout/udpTimeout; 0 leaves the kernel's value (900 s / 120 s / 300 s)."""
@@ -515,10 +508,11 @@ class IpvsDataPlane:
             finally:
                 client.close()
         if ifindex > 0:
-            from pyroute2 import IPRoute
-
-            with IPRoute() as ipr:
-                ipr.link("del", index=ifindex)
+            addr = AddrClient()
+            try:
+                addr.delete_link(ifindex)
+            finally:
+                addr.close()
             found = True
         for fam in (4, 6):
             for name in ("legacy", "nft"):
