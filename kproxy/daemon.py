@@ -76,7 +76,8 @@ class Daemon:
                     raise
                 log.error("cannot serve healthz on %s: %s", self.config.healthz_bind_address, e)
                 self.health = None
-        self.service_health = healthz.ServiceHealthServer(proxy_health=self.health)
+        self.service_health = healthz.ServiceHealthServer(self.health,
+                                                          healthz.node_ips_for(self.config.nodeport_addresses))
 
     def _on_store_change(self) -> None:
         if self._queued_at is None:
@@ -126,7 +127,7 @@ class Daemon:
         try:
             from . import conntrack
 
-            return conntrack.delete_stale_udp(done.stale_udp, self.config.nodeport_addresses)
+            return conntrack.delete_stale_udp(done.stale_udp, self.config.nodeport_addresses, metrics=self.metrics)
         except Exception as e:  # conntrack cleanup must never fail a sync
             log.warning("stale UDP conntrack cleanup failed: %s", e)
             return 0
@@ -150,8 +151,6 @@ class Daemon:
             if counts:
                 for fam in (4, 6):
                     m.set_iptables_rules({t: n for (f, t), n in counts.items() if f == fam}, family=fam)
-            if done.stale_udp:
-                m.conntrack_reconciled(0.0, stale)
 
     def _observe_failure(self) -> None:
         if self.metrics is not None:

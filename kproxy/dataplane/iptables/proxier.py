@@ -33,6 +33,8 @@ class IptablesDataPlane(DataPlane):
         self.backends: dict[int, Backend] = {}
         self._rendered: dict[int, dict[ServicePortName, r.ServiceRules]] = {4: {}, 6: {}}
         self.rule_counts: dict[tuple[int, str], int] = {}
+        self.keep_restore_text = False  # benchmarks replay the exact text to time iptables-restore alone
+        self.last_restore_text: dict[int, str] = {}
 
     # ---- setup ----------------------------------------------------------------------------------
     def _resolve_backends(self) -> None:
@@ -99,9 +101,12 @@ class IptablesDataPlane(DataPlane):
                 script, rendered = self._render_full(snapshot, ctx, b)
             else:
                 script, rendered = self._render_partial(snapshot, changes, ctx)
+            text = script.text() if script else ""
             t1 = time.perf_counter()
-            if script:
-                b.restore(script.text())
+            if text:
+                b.restore(text)
+                if self.keep_restore_text:
+                    self.last_restore_text[fam] = text
             t2 = time.perf_counter()
             self._rendered[fam] = rendered
             result.render_seconds += t1 - t0
