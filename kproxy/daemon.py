@@ -151,6 +151,8 @@ class Daemon:
             if counts:
                 for fam in (4, 6):
                     m.set_iptables_rules({t: n for (f, t), n in counts.items() if f == fam}, family=fam)
+            for fam, (internal, external) in getattr(self.dp, "no_local_endpoints", {}).items():
+                m.set_no_local_endpoints(internal, external, family=fam)
 
     def _observe_failure(self) -> None:
         if self.metrics is not None:

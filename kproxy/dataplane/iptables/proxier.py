@@ -33,6 +33,7 @@ class IptablesDataPlane(DataPlane):
         self.backends: dict[int, Backend] = {}
         self._rendered: dict[int, dict[ServicePortName, r.ServiceRules]] = {4: {}, 6: {}}
         self.rule_counts: dict[tuple[int, str], int] = {}
+        self.no_local_endpoints: dict[int, tuple[int, int]] = {}  # family → (internal, external) for metrics
         self.keep_restore_text = False  # benchmarks replay the exact text to time iptables-restore alone
         self.last_restore_text: dict[int, str] = {}
 
@@ -185,6 +186,9 @@ class IptablesDataPlane(DataPlane):
             flt = sum(sum(len(v) for k, v in sr.dispatch.items() if k[0] == r.FILTER) for sr in rendered.values())
             counts[(fam, r.NAT)] = nat
             counts[(fam, r.FILTER)] = flt
+            self.no_local_endpoints[fam] = (
+                sum(1 for sr in rendered.values() if sr.no_local_endpoints.get("Internal")),
+                sum(1 for sr in rendered.values() if sr.no_local_endpoints.get("External")))
         self.rule_counts = counts
 
     # ---- cleanup and status ---------------------------------------------------------------------
