@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .records import AAAA, CNAME, REVERSE_ZONES, RR, SOA, SRV, A, name_wire, soa_rdata
+from .records import AAAA, CNAME, NS, REVERSE_ZONES, RR, SOA, SRV, A, name_wire, soa_rdata
 
 RCODE_NOERROR, RCODE_FORMERR, RCODE_SERVFAIL, RCODE_NXDOMAIN, RCODE_NOTIMP, RCODE_REFUSED = 0, 1, 2, 3, 4, 5
 
@@ -252,6 +252,15 @@ class TableBuilder:
         soa = self.soa_rdata()
         soas = [_rr_bytes(self._wire(self._apex(z)), SOA, ttl, soa) for z in (ZONE_FORWARD, ZONE_V4REV, ZONE_V6REV)]
         answers[self.zone_wire + struct.pack("!H", SOA)] = self._positive(SOA, [soa])
+        ns = [self._wire(f"ns.dns.{self.zone}")]
+        for apex in REVERSE_ZONES:  # reverse zones with records: their apex SOA/NS, as in the export
+            w = self._wire(apex)
+            if apex in self.name_refs:
+                answers[w + struct.pack("!H", SOA)] = self._positive(SOA, [soa])
+                answers[w + struct.pack("!H", NS)] = self._positive(NS, ns)
+            else:
+                answers.pop(w + struct.pack("!H", SOA), None)
+                answers.pop(w + struct.pack("!H", NS), None)
         nodata = (make_entry(0, [], [soas[0]], [], self.ra), make_entry(0, [], [soas[1]], [], self.ra),
                   make_entry(0, [], [soas[2]], [], self.ra))
         nxdomain = make_entry(RCODE_NXDOMAIN, [], [soas[0]], [], self.ra)
