@@ -24,6 +24,9 @@
  *   kp_nodeaddr node addresses that accept NodePorts
  *   kp_meta    affinity id -> service port name (for `kproxy status`), id 0 -> attachment record
  *
+ * NodePort traffic with externalTrafficPolicy Cluster is source-NATed like kube-proxy does: kp_tc_in
+ * sets the masquerade mark and a single nft rule masquerades marked packets on the way out.
+ *
  * A service update writes the new backend slots under a fresh set id, then switches the kp_svc entry
  * (one atomic element update) and only then deletes the old slots: a lookup never sees a half-written
  * service.
@@ -48,6 +51,12 @@
 #define CT_CLOSE_LIFETIME (10ULL * NSEC)
 #define CT_UDP_LIFETIME (60ULL * NSEC)
 #define CT_FLAG_CLOSING 1
+#define CT_FLAG_SNAT 2
+
+#define SVC_F_SNAT 0x100 /* tc: masquerade (externalTrafficPolicy Cluster): mark for the nft masquerade rule */
+#ifndef KP_MASQ_MARK
+#define KP_MASQ_MARK 0x4000
+#endif
 
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define KP_HTONS(x) ((__u16)__builtin_bswap16(x))
@@ -523,7 +532,7 @@ int kp_tc_in(struct __sk_buff *skb)
         nv.port = be.port;
         nv.aff_id = sv->aff_id;
         nv.ts = now;
-        nv.flags = closing ? CT_FLAG_CLOSING : 0;
+        nv.flags = (closing ? CT_FLAG_CLOSING : 0) | ((sv->flags & SVC_F_SNAT) ? CT_FLAG_SNAT : 0);
         kp_ct_fwd.update(&fk, &nv);
         /* the reply tuple: backend -> client */
         struct ct_key rk;
@@ -544,6 +553,10 @@ int kp_tc_in(struct __sk_buff *skb)
     }
     if (rewrite(skb, &t, 1, nv.addr, nv.port) < 0)
         return TC_ACT_SHOT;
+    /* Source NAT is left to netfilter (one masquerade rule on the mark, see snat.py): conntrack then
+     * owns the port allocation and un-SNATs replies before they reach kp_tc_out. */
+    if (nv.flags & CT_FLAG_SNAT)
+        skb->mark |= KP_MASQ_MARK;
     return TC_ACT_OK;
 }
 

@@ -13,9 +13,19 @@ import sys
 
 import pytest
 
-from kproxy.testing.topology import EXT_IP, NODE_EXT_IP, NODE_EXT_IP6
+from kproxy.testing.topology import EXT_IP, GATEWAY, NODE_EXT_IP, NODE_EXT_IP6
 
-from .conftest import CLIENT, HERE, requires_bpf, web_docs, write_manifests
+from .conftest import (
+    CLIENT,
+    HERE,
+    WEB_EP_PORTS,
+    endpoint_slice,
+    requires_bpf,
+    service,
+    wait_until,
+    web_docs,
+    write_manifests,
+)
 
 pytestmark = [pytest.mark.netns, requires_bpf]
 
@@ -60,7 +70,7 @@ def test_nodeport_tcp_udp_from_outside(topo, bpf_env, nodeport):
     r = topo.probe(topo.ext, "http", NODE_EXT_IP, 30080, "-n", 30)
     assert r["errors"] == 0, r
     assert set(r["counts"]) == set(topo.pod)
-    assert dict(r["peers"]) == {EXT_IP: 30}  # the client's address is preserved (no SNAT)
+    assert dict(r["peers"]) == {GATEWAY: 30}  # externalTrafficPolicy Cluster: masqueraded to the node
     u = ext_client(topo, "udp", NODE_EXT_IP, 30053, "-n", 10)
     assert u["errors"] == 0, u
     assert dict(u["peers"]) == {f"recvfrom {NODE_EXT_IP}:30053": 10}  # replies reverse-translated
@@ -80,3 +90,19 @@ def test_nodeport_ipv6_from_outside(topo, bpf_env, nodeport):
     assert len(r["counts"]) >= 2
     u = ext_client(topo, "udp", NODE_EXT_IP6, 30053, "-n", 5)
     assert u["errors"] == 0 and dict(u["peers"]) == {f"recvfrom {NODE_EXT_IP6}:30053": 5}, u
+
+
+def test_external_traffic_policy_local_preserves_source(topo, bpf_env, nodeport):
+    ip = {n: topo.pod[n].ip for n in topo.pod}
+    write_manifests(nodeport, "local.yaml", [
+        service("webl", ["10.96.0.40"], [("http", "TCP", 80, 8080, 30180)], externalTrafficPolicy="Local"),
+        endpoint_slice("webl", 4, WEB_EP_PORTS, [{"ip": ip["pod0"]}, {"ip": ip["pod1"], "node": "node-b"}]),
+    ])
+
+    def probe():
+        r = topo.probe(topo.ext, "http", NODE_EXT_IP, 30180, "-n", 10)
+        return r if r["errors"] == 0 else None
+
+    r = wait_until(probe, timeout=15, what="webl NodePort answering")
+    assert dict(r["counts"]) == {"pod0": 10}  # only the local endpoint
+    assert dict(r["peers"]) == {EXT_IP: 10}  # the client's address is preserved

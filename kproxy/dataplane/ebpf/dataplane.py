@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ...config import ProxyConfig
 from ...snapshot import Changes, ProxySnapshot, ServicePortName
 from .. import BackendStatus, FrontendStatus, ServiceStatus, SetupError, SyncError, SyncResult
-from . import bpfsys, loader
+from . import bpfsys, loader, snat
 from . import maps as m
 from .render import Backend, Desired, group_of, render
 
@@ -55,6 +55,9 @@ class EbpfDataPlane:
         self.next_set_id = 1
         self._aff_hint = 1
         self.node_addrs: set[str] | None = None
+        self.masq_mark = 1 << config.masquerade_bit
+        self.need_snat = False
+        self.snat_installed = False
 
     # ---- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -63,7 +66,7 @@ class EbpfDataPlane:
             self.cgroup_path = self.cgroup_path or loader.default_cgroup_path()
             loader.check_cgroup(self.cgroup_path)
             self._check_pinned_layout()
-            progs = loader.compile_and_load(self.pin_dir)
+            progs = loader.compile_and_load(self.pin_dir, masq_mark=self.masq_mark)
         except (loader.LoadError, bpfsys.BpfError) as e:
             raise SetupError(f"ebpf mode: {e}") from None
         try:
@@ -146,6 +149,7 @@ class EbpfDataPlane:
             group = group_of(name) if name else ""  # "" = orphan, removed by the next full sync
             self.frontends[k] = v
             self.fe_group[k] = group
+            self.need_snat |= bool(m.parse_svc_val(v)[4] & m.F_SNAT)
             self.groups.setdefault(group, set()).add(k)
             if not name or name in self.sets:
                 continue
@@ -187,9 +191,14 @@ class EbpfDataPlane:
             if full:
                 res.rules += self._gc()
             self._sync_node_addrs()
+            if self.need_snat and not self.snat_installed:
+                snat.install(self.masq_mark)
+                self.snat_installed = True
             res.apply_seconds = time.monotonic() - t1
         except bpfsys.BpfError as e:
             raise SyncError(f"ebpf mode: map update failed: {e}") from None
+        except snat.SnatError as e:
+            raise SyncError(f"ebpf mode: {e}") from None
         return res
 
     def _alloc_aff(self, name: str, taken: set[int]) -> int:
@@ -260,6 +269,7 @@ class EbpfDataPlane:
                 if owner is not None and owner != group and owner:
                     log.warning("ebpf: %s takes over frontend %s from %s", group, m.parse_svc_key(key), owner)
                 mp.svc.put(key, val)
+                self.need_snat |= bool(m.parse_svc_val(val)[4] & m.F_SNAT)
                 done.append((key, old_val))
                 writes += 1
             for key in self.groups.get(group, set()) - want.keys():
@@ -419,6 +429,8 @@ class EbpfDataPlane:
         with contextlib.suppress(Exception):
             ifaces.update(loader.all_interfaces())
         found |= loader.detach_tc(sorted(i for i in ifaces if i and loader.tc_attached(i))) > 0
+        found |= snat.remove()
+        self.snat_installed = False
         for name in m.MAPS:
             path = os.path.join(self.pin_dir, name)
             if os.path.exists(path):

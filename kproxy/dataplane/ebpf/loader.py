@@ -95,7 +95,7 @@ class Programs:
                 bpf.cleanup()  # type: ignore[attr-defined]
 
 
-def compile_and_load(pin_dir: str, want_tc: bool = True) -> Programs:
+def compile_and_load(pin_dir: str, want_tc: bool = True, masq_mark: int = 0x4000) -> Programs:
     """Compile bpf/kproxy_lb.c with its maps pinned under ``pin_dir`` (created or re-used) and load it."""
     try:
         from bcc import BPF  # type: ignore[import-not-found]
@@ -108,7 +108,7 @@ def compile_and_load(pin_dir: str, want_tc: bool = True) -> Programs:
         raise LoadError(str(e)) from None
     src = source_path().read_text().replace("@PIN@", pin_dir)
     try:
-        b = BPF(text=src, cflags=["-Wno-unused-function"])
+        b = BPF(text=src, cflags=["-Wno-unused-function", f"-DKP_MASQ_MARK={masq_mark:#x}"])
     except Exception as e:
         raise LoadError(f"compiling {source_path()} with bcc failed (kernel headers at "
                         f"{os.environ.get('BCC_KERNEL_SOURCE', '/lib/modules/.../build')}; BPF syscall and "

@@ -24,6 +24,7 @@ FE_CLUSTER_IP = 1
 FE_EXTERNAL_IP = 2
 FE_LB_IP = 4
 FE_NODE_PORT = 8
+F_SNAT = 0x100  # tc: masquerade the client (externalTrafficPolicy Cluster, or a ClusterIP from outside)
 
 BE_LOCAL = 1
 

@@ -9,7 +9,8 @@ sets, named ``"<spn>|<family>|<role>"``:
 - ``c`` (cluster): externalIPs / LB IPs / NodePorts reached from a pod's socket: like kube-proxy's
   short-circuit of pod traffic to external destinations, it uses every cluster endpoint.
 
-A role whose endpoints equal another's reuses that set (most Services have a single set).
+A role whose endpoints equal another's reuses that set (most Services have a single set). Frontends
+reached from outside carry ``F_SNAT`` unless externalTrafficPolicy is Local (kube-proxy's masquerade).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def render(sp: ServicePort, eps: tuple[EndpointInfo, ...], node_zone: str = "") 
         if cip:
             name_i = use("i", _backends(cat.internal))
             fes.append(Frontend(m.svc_key(cip, sp.port, sp.protocol, m.KIND_SOCK, fam), name_i, m.FE_CLUSTER_IP))
-            fes.append(Frontend(m.svc_key(cip, sp.port, sp.protocol, m.KIND_TC, fam), name_i, m.FE_CLUSTER_IP))
+            fes.append(Frontend(m.svc_key(cip, sp.port, sp.protocol, m.KIND_TC, fam), name_i,
+                                m.FE_CLUSTER_IP | m.F_SNAT))
         if ext_vips or sp.node_port:
             if sp.uses_local:
                 anyw = categorize(replace(sp, internal_local=False, external_local=False), eps_f, node_zone)
@@ -88,13 +90,14 @@ def render(sp: ServicePort, eps: tuple[EndpointInfo, ...], node_zone: str = "") 
                 cluster = _backends(cat.internal)
             name_c = use("c", cluster)
             name_e = use("e", _backends(cat.external))
+            snat = 0 if sp.external_local else m.F_SNAT
             for vip in ext_vips:
                 flag = m.FE_LB_IP if vip in sp.lb_ips else m.FE_EXTERNAL_IP
                 fes.append(Frontend(m.svc_key(vip, sp.port, sp.protocol, m.KIND_SOCK, fam), name_c, flag))
-                fes.append(Frontend(m.svc_key(vip, sp.port, sp.protocol, m.KIND_TC, fam), name_e, flag))
+                fes.append(Frontend(m.svc_key(vip, sp.port, sp.protocol, m.KIND_TC, fam), name_e, flag | snat))
             if sp.node_port:
                 fes.append(Frontend(m.svc_key("", sp.node_port, sp.protocol, m.KIND_SOCK_NP, fam), name_c,
                                     m.FE_NODE_PORT))
                 fes.append(Frontend(m.svc_key("", sp.node_port, sp.protocol, m.KIND_NODEPORT, fam), name_e,
-                                    m.FE_NODE_PORT))
+                                    m.FE_NODE_PORT | snat))
     return Desired(sets, fes, sp.affinity_timeout)
