@@ -135,6 +135,8 @@ class Daemon:
     def _after_sync(self, done: Changes, full: bool, elapsed: float, queued_at: float | None,
                     result: dataplane.SyncResult, stale: int) -> None:
         if self.health is not None:
+            if done.node_changed:
+                self.health.sync_node(self.store.own_node_obj)
             self.health.updated()
         if self.service_health is not None:
             try:

@@ -69,6 +69,7 @@ class ClusterStore:
         self.slices: dict[ServiceKey, EndpointSlice] = {}  # keyed by (namespace, slice name)
         self.slices_by_service: dict[ServiceKey, set[str]] = {}
         self.nodes: dict[str, Node] = {}
+        self.own_node_obj: dict[str, Any] | None = None  # this node's raw object (taints, deletion for healthz)
         self.invalid: dict[tuple[str, str], InvalidRecord] = {}
         self._consumers: dict[str, _Consumer] = {}
         self._lock = threading.RLock()
@@ -231,6 +232,8 @@ class ClusterStore:
         return 1
 
     def _apply_node(self, ev: Event, name: str) -> int:
+        if name == self.node_name:
+            self.own_node_obj = None if ev.type == "DELETED" else ev.obj
         if ev.type == "DELETED":
             if self.nodes.pop(name, None) is not None:
                 self._mark_nodes()
