@@ -1,0 +1,78 @@
+"""Running the ``nft`` tool: one atomic transaction per call (``nft -f -``), JSON listings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from typing import Any
+
+from .. import SetupError, SyncError
+
+NFT = "nft"
+
+
+def available() -> str:
+    path = shutil.which(NFT)
+    if path is None:
+        raise SetupError("the nft command is missing (install the 'nftables' package)")
+    return path
+
+
+def apply(script: str, timeout: float = 120.0) -> None:
+    """Commit ``script`` as one nftables transaction; raise SyncError (nothing applied) on failure."""
+    try:
+        p = subprocess.run([NFT, "-f", "-"], input=script, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SyncError(f"nft failed to run: {e}") from None
+    if p.returncode != 0:
+        err = p.stderr.strip().splitlines()
+        raise SyncError("nft -f failed: " + " | ".join(err[:6]) + (" ..." if len(err) > 6 else ""))
+
+
+def list_json(*what: str, timeout: float = 120.0, terse: bool = False) -> list[dict[str, Any]]:
+    """``nft -j list <what>`` as the list of objects; [] when the object does not exist."""
+    try:
+        argv = [NFT, *(["-t"] if terse else []), "-j", "list", *what]
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SyncError(f"nft failed to run: {e}") from None
+    if p.returncode != 0:
+        if "No such file or directory" in p.stderr or "does not exist" in p.stderr:
+            return []
+        raise SyncError(f"nft list {' '.join(what)} failed: {p.stderr.strip()[:300]}")
+    try:
+        return list(json.loads(p.stdout).get("nftables", []))
+    except ValueError as e:
+        raise SyncError(f"nft list {' '.join(what)}: invalid JSON: {e}") from None
+
+
+def flat(value: Any) -> list[Any]:
+    """The components of a JSON key or value (a concatenation, a plain value or an {"elem": ...})."""
+    if isinstance(value, dict):
+        if "elem" in value:
+            return flat(value["elem"].get("val"))
+        if "concat" in value:
+            out: list[Any] = []
+            for v in value["concat"]:
+                out.extend(flat(v))
+            return out
+        if "prefix" in value:
+            p = value["prefix"]
+            return [f"{p['addr']}/{p['len']}"]
+        if "goto" in value:
+            return [("goto", value["goto"]["target"])]
+        if "jump" in value:
+            return [("jump", value["jump"]["target"])]
+        if "drop" in value:
+            return [("drop", "")]
+        if "accept" in value:
+            return [("accept", "")]
+        return [value]
+    return [value]
+
+
+def comment_of(value: Any) -> str:
+    if isinstance(value, dict) and "elem" in value:
+        return str(value["elem"].get("comment", ""))
+    return ""
