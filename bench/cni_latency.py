@@ -118,6 +118,7 @@ def main() -> int:
     if not os.access(os.path.join(REF_DIR, "bridge"), os.X_OK):
         print(f"reference plugins missing in {REF_DIR}: apt-get install containernetworking-plugins", file=sys.stderr)
         return 2
+    load0 = os.getloadavg()
     prefix = "kpcni-b" + secrets.token_hex(3)
     tmp = tempfile.mkdtemp(prefix=prefix)
     node = f"{prefix}-node"
@@ -174,7 +175,8 @@ def main() -> int:
             "# CNI plugin latency: kproxy vs reference",
             "",
             f"`bench/cni_latency.py --pods {a.pods}` on {platform.node()} ({os.cpu_count()} CPUs, "
-            f"kernel {platform.release()}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+            f"kernel {platform.release()}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"load average before/after {load0[0]:.1f}/{os.getloadavg()[0]:.1f} (the machine is shared).",
             "",
             "Reference: containernetworking-plugins `bridge` + `host-local` from /usr/lib/cni. kproxy: "
             "`kproxy-bridge` + `kproxy-host-local` as installed by `deploy/cni/install-cni.sh`. Same config for "

@@ -12,6 +12,8 @@
 #   --node-bin-dir  the bin dir as the *node* sees it      (env CNI_NODE_BIN_DIR, default /opt/cni/bin)
 #   --python        interpreter on the node (>= 3.11)      (env CNI_NODE_PYTHON,  default /usr/bin/python3)
 #   --pod-cidr      this node's pod CIDR for the conflist  (env POD_CIDR,         default 10.244.0.0/24)
+#   --conflist      conflist template to install            (env CNI_CONFLIST,     default: 10-kproxy.conflist
+#                   next to this script, else the built-in copy of it)
 #   --no-conf       install the binaries only
 #
 # Layout written to the bin dir:
@@ -29,6 +31,7 @@ NODE_PYTHON=${CNI_NODE_PYTHON:-/usr/bin/python3}
 POD_CIDR=${POD_CIDR:-10.244.0.0/24}
 SRC_PYTHON=${SRC_PYTHON:-python3}   # the interpreter that has kproxy (and pyroute2) installed, in the image
 WRITE_CONF=1
+CONFLIST=${CNI_CONFLIST:-}
 node_bin_set=${CNI_NODE_BIN_DIR:+1}
 
 while [ $# -gt 0 ]; do
@@ -39,7 +42,8 @@ while [ $# -gt 0 ]; do
     --python) NODE_PYTHON=$2; shift 2 ;;
     --pod-cidr) POD_CIDR=$2; shift 2 ;;
     --no-conf) WRITE_CONF=0; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --conflist) CONFLIST=$2; shift 2 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "install-cni.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -85,7 +89,34 @@ launcher kproxy-host-local cni.host_local
 if [ "$WRITE_CONF" = 1 ]; then
   mkdir -p "$CONF_DIR"
   tmp="$CONF_DIR/.10-kproxy.conflist.$$"
-  sed "s#__POD_CIDR__#$POD_CIDR#g" "$here/10-kproxy.conflist" >"$tmp"
+  if [ -z "$CONFLIST" ] && [ -f "$here/10-kproxy.conflist" ]; then CONFLIST=$here/10-kproxy.conflist; fi
+  if [ -n "$CONFLIST" ]; then
+    sed "s#__POD_CIDR__#$POD_CIDR#g" "$CONFLIST" >"$tmp"
+  else # the script was copied somewhere on its own: same content as deploy/cni/10-kproxy.conflist
+    cat >"$tmp" <<CONF
+{
+  "cniVersion": "1.1.0",
+  "name": "kproxy",
+  "plugins": [
+    {
+      "type": "kproxy-bridge",
+      "bridge": "kproxy0",
+      "isGateway": true,
+      "isDefaultGateway": true,
+      "ipMasq": true,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "kproxy-host-local",
+        "dataDir": "/var/lib/cni/networks",
+        "ranges": [[{"subnet": "$POD_CIDR"}]]
+      }
+    }
+  ]
+}
+CONF
+  fi
   mv -f "$tmp" "$CONF_DIR/10-kproxy.conflist"
 fi
-echo "install-cni.sh: installed kproxy-bridge, kproxy-host-local into $BIN_DIR${WRITE_CONF:+}" >&2
+echo "install-cni.sh: installed kproxy-bridge, kproxy-host-local into $BIN_DIR" >&2
+[ "$WRITE_CONF" = 1 ] && echo "install-cni.sh: wrote $CONF_DIR/10-kproxy.conflist (pod CIDR $POD_CIDR)" >&2
+exit 0
