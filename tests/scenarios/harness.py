@@ -269,6 +269,18 @@ class Scenario:
         r = self.topo.probe(ns, "tcp-check", ip, port, "--timeout", timeout)
         return ("ok" if r["ok"] else r["error"]), time.monotonic() - t0
 
+    def udp_session(self, ns: str, ip: str, port: int, timeout: float = 1.0) -> UdpSession:
+        """One connected UDP socket in ``ns`` kept open for the rest of the test (one conntrack flow)."""
+        s = UdpSession(self.topo, ns, ip, port, timeout)
+        self._cleanups.append(s.close)
+        return s
+
+    def spawn_client(self, ns: str, *args: object, wait_for: str = "") -> subprocess.Popen[str]:
+        """A long-running ``kproxy.testing.clients`` process (killed at the end of the test if still running)."""
+        p = self.topo.spawn(ns, [sys.executable, "-m", "kproxy.testing.clients", *map(str, args)], wait_for=wait_for)
+        self._cleanups.append(lambda: _kill(self.topo, p))
+        return p
+
     def eventually(self, fn: Callable[[], T], ok: Callable[[T], bool], timeout: float = 5.0,
                    interval: float = 0.1, what: str = "") -> T:
         """Call ``fn`` until ``ok(result)``; return that result or fail with the last one."""
@@ -317,6 +329,52 @@ class Scenario:
         if self.daemon is not None and self.daemon.poll() is None:
             with contextlib.suppress(TimeoutError):
                 self.barrier()
+
+
+class UdpSession:
+    """Drives ``clients udp-session``: :meth:`ask` sends one datagram on the long-lived socket."""
+
+    def __init__(self, topo: Topology, ns: str, ip: str, port: int, timeout: float) -> None:
+        self.topo = topo
+        self.p = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "kproxy.testing.clients", "udp-session", ip,
+             str(port), "--timeout", str(timeout)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        topo.procs.append(self.p)
+        assert self.p.stdout is not None
+        hello = json.loads(self.p.stdout.readline() or "{}")
+        if not hello.get("ready"):
+            self.close()
+            raise RuntimeError(f"udp-session in {ns} did not start: {hello}")
+        self.local = tuple(hello["local"])
+
+    def ask(self) -> tuple[str, str]:
+        """(backend name or "", error kind or "")."""
+        assert self.p.stdin is not None and self.p.stdout is not None
+        self.p.stdin.write("ping\n")
+        self.p.stdin.flush()
+        r = json.loads(self.p.stdout.readline())
+        return r["reply"].partition(" ")[0], r["error"]
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.p.stdin is not None:
+                self.p.stdin.close()
+        _kill(self.topo, self.p)
+
+
+def _kill(topo: Topology, p: subprocess.Popen[str]) -> None:
+    if p.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+    with contextlib.suppress(ValueError):
+        topo.procs.remove(p)
 
 
 # Addresses used across the tests, re-exported for readability.

@@ -85,20 +85,20 @@ def test_health_check_node_port(sc: Scenario) -> None:
                  m.endpoint_slice("hc", eps(sc, local, remote), [m.slice_port(HTTP_PORT, name="p")]))
 
     apply(["pod0", "pod1"], ["pod2"])
-    code, doc = sc.eventually(lambda: health(sc, hc), lambda r: r[0] == 200, timeout=5,
+    _, doc = sc.eventually(lambda: health(sc, hc), lambda r: r[0] == 200, timeout=5,
                               what="healthCheckNodePort answering 200")
     assert doc.get("service") == {"namespace": "default", "name": "hc"}, doc
     assert doc.get("localEndpoints") == 2, doc
     assert doc.get("serviceProxyHealthy") is True, doc
 
     apply([], sc.pods)
-    code, doc = sc.eventually(lambda: health(sc, hc), lambda r: r[0] == 503, timeout=5,
+    _, doc = sc.eventually(lambda: health(sc, hc), lambda r: r[0] == 503, timeout=5,
                               what="healthCheckNodePort answering 503 without local endpoints")
     assert doc.get("localEndpoints") == 0, doc
 
     # the Service goes away: the health check port closes
     sc.delete("hc")
-    code, _ = sc.eventually(lambda: health(sc, hc), lambda r: r[0] == 0, timeout=5,
+    sc.eventually(lambda: health(sc, hc), lambda r: r[0] == 0, timeout=5,
                             what="healthCheckNodePort closed after the Service was deleted")
 
 
@@ -140,7 +140,7 @@ def test_terminating_endpoint_fallback(sc: Scenario) -> None:
 
     # terminating and no longer serving: unusable → the Service has no endpoints → REJECT
     apply([m.terminating(sc.ip(p), serving=False) for p in sc.pods])
-    verdict, took = sc.tcp_check(sc.topo.client, vip, 80, timeout=2)
+    verdict, _ = sc.tcp_check(sc.topo.client, vip, 80, timeout=2)
     assert verdict == "refused", f"terminating, non-serving endpoints must not be used: {verdict}"
 
     # not ready and not terminating (starting up): not used either
