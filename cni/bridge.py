@@ -2,8 +2,9 @@
 
 Accepted options (same meaning as the reference): ``bridge`` (default ``cni0``), ``isGateway``,
 ``isDefaultGateway`` (implies ``isGateway``), ``forceAddress``, ``ipMasq``, ``mtu``, ``hairpinMode``,
-``promiscMode``, ``vlan`` (untagged PVID on the pod's port, bridge gets VLAN filtering). ``macspoofchk``
-is rejected with error 2 (unsupported field) when enabled rather than silently ignored.
+``promiscMode``, ``vlan`` (untagged PVID on the pod's port, bridge gets VLAN filtering), ``macspoofchk``
+(nftables, bridge family: frames from the pod's port with another source MAC are dropped; one base chain
+per attachment in table ``bridge kproxy-cni``, so DEL is a single atomic ``nft -f``).
 
 IPAM is delegated exactly as libcni's ``invoke.DelegateAdd`` does: the binary named by ``ipam.type`` is
 looked up in ``CNI_PATH`` and executed with our environment and stdin, so any IPAM plugin works
@@ -25,7 +26,6 @@ from cni._skel import (
     ERR_INTERNAL,
     ERR_INVALID_CONFIG,
     ERR_UNKNOWN_CONTAINER,
-    ERR_UNSUPPORTED_FIELD,
     VALID_ATTACHMENTS_KEY,
     Args,
     Child,
@@ -67,8 +67,7 @@ class BridgeConf:
             raise CNIError(ERR_INVALID_CONFIG, f"invalid mtu {self.mtu}")
         if not 0 <= self.vlan <= 4094:
             raise CNIError(ERR_INVALID_CONFIG, f"invalid VLAN ID {self.vlan} (must be between 0 and 4094)")
-        if conf.get("macspoofchk"):
-            raise CNIError(ERR_UNSUPPORTED_FIELD, "macspoofchk is not supported by kproxy-bridge")
+        self.macspoofchk = bool(conf.get("macspoofchk"))
         ipam = conf.get("ipam") or {}
         if not isinstance(ipam, dict):
             raise CNIError(ERR_INVALID_CONFIG, "ipam must be an object")
@@ -233,6 +232,44 @@ def gc_masq(family: int, name: str, keep_ids: set[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# nftables (macspoofchk)
+
+NFT_TABLE = "kproxy-cni"
+
+
+def _spoof_chain(name: str, cid: str, ifname: str) -> str:
+    return "mac-" + chain_name(name, f"{cid}/{ifname}")[4:]
+
+
+def _nft(script: str) -> None:
+    exe = _find_exe("nft")
+    rc, _ = Child(exe, dict(os.environ), script.encode(), argv=[exe, "-f", "-"], quiet=True).wait()
+    if rc != 0:
+        raise CNIError(ERR_INTERNAL, f"nft failed (status {rc}) applying macspoofchk rules")
+
+
+def _spoof_chain_reset(chain: str) -> list[str]:
+    # "add" is idempotent and "flush" empties it: together they make the chain exist and be empty,
+    # whatever state a previous (possibly interrupted) call left behind.
+    return [
+        f"add table bridge {NFT_TABLE}",
+        f"add chain bridge {NFT_TABLE} {chain} {{ type filter hook prerouting priority -300 ; policy accept ; }}",
+        f"flush chain bridge {NFT_TABLE} {chain}",
+    ]
+
+
+def setup_macspoofchk(name: str, cid: str, ifname: str, host_veth: str, mac: str) -> None:
+    chain = _spoof_chain(name, cid, ifname)
+    rule = f'add rule bridge {NFT_TABLE} {chain} iifname "{host_veth}" ether saddr != {mac} drop'
+    _nft("\n".join([*_spoof_chain_reset(chain), rule, ""]))
+
+
+def teardown_macspoofchk(name: str, cid: str, ifname: str) -> None:
+    chain = _spoof_chain(name, cid, ifname)
+    _nft("\n".join([*_spoof_chain_reset(chain), f"delete chain bridge {NFT_TABLE} {chain}", ""]))
+
+
+# ---------------------------------------------------------------------------------------------
 # ADD
 
 
@@ -356,7 +393,7 @@ def cmd_add(args: Args) -> dict[str, Any]:
     ns_fd = _open_netns(args.netns)
     nl: Any = None
     ipam: Delegation | None = None
-    masq_done = False
+    masq_done = spoof_done = False
     host_veth = ""
     try:
         if _ifindex(ns_fd, args.ifname):
@@ -420,9 +457,12 @@ def cmd_add(args: Args) -> dict[str, Any]:
             for fam, ips in by_fam.items():
                 masq_done = True
                 setup_masq(fam, bc.name, args.container_id, ips, listings.get(fam))
+        if bc.macspoofchk:
+            spoof_done = True
+            setup_macspoofchk(bc.name, args.container_id, args.ifname, host_veth, cmac)
         br = nl.link(bc.bridge) or br  # the bridge's MAC may change when its first port is enslaved
     except BaseException:
-        _rollback(args, bc, nl, host_veth, ipam, masq_done)
+        _rollback(args, bc, nl, host_veth, ipam, masq_done, spoof_done)
         raise
     finally:
         if nl is not None:
@@ -441,11 +481,15 @@ def cmd_add(args: Args) -> dict[str, Any]:
     return res
 
 
-def _rollback(args: Args, bc: BridgeConf, nl: Any, host_veth: str, ipam: Delegation | None, masq: bool) -> None:
+def _rollback(
+    args: Args, bc: BridgeConf, nl: Any, host_veth: str, ipam: Delegation | None, masq: bool, spoof: bool
+) -> None:
     """Undo a failed ADD: veth, masquerade rules and -- unless IPAM itself failed -- the IPAM allocation."""
     try:
         if host_veth and nl is not None:
             nl.del_link(name=host_veth)
+        if spoof:
+            teardown_macspoofchk(bc.name, args.container_id, args.ifname)
         if masq:
             for fam in (AF_INET, AF_INET6):
                 teardown_masq(fam, bc.name, args.container_id)
@@ -504,6 +548,8 @@ def cmd_del(args: Args) -> None:
                 os.close(ns_fd)
     for fam, listing in listings.items():
         teardown_masq(fam, bc.name, args.container_id, listing)
+    if bc.macspoofchk:
+        teardown_macspoofchk(bc.name, args.container_id, args.ifname)
     if ipam is not None:
         ipam.result()
 

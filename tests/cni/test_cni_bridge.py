@@ -154,7 +154,7 @@ def test_nonexistent_netns(node: Node, data_dir: str) -> None:
         (b'{"cniVersion": "1.0.0", "name": "x", "type": "kproxy-bridge", ', (), 6),
         (b'{"cniVersion": "0.2.0", "name": "x", "type": "kproxy-bridge"}', (), 1),
         (b'{"cniVersion": "1.0.0", "name": "x", "type": "kproxy-bridge", "mtu": "big"}', (), 7),
-        (b'{"cniVersion": "1.0.0", "name": "x", "type": "kproxy-bridge", "macspoofchk": true}', (), 2),
+        (b'{"cniVersion": "1.0.0", "name": "x", "type": "kproxy-bridge", "vlan": 5000}', (), 7),
         (None, ("CNI_NETNS",), 4),
         (None, ("CNI_COMMAND",), 4),
     ],
@@ -210,6 +210,35 @@ def test_vlan_isolates_pods(node: Node, netns: Netns, data_dir: str) -> None:
     pl.ok(v200, "ADD", "cc", netns_path(c), "eth0")
     assert ping(a, "10.244.18.3")
     assert not ping(a, "10.244.18.4", timeout=1.0)
+
+
+def test_macspoofchk_drops_frames_with_a_foreign_mac(node: Node, netns: Netns, data_dir: str) -> None:
+    nname, pl = node
+    conf = bridge_conf("ms", data_dir, "10.244.22.0/24", macspoofchk=True)
+    a, b = netns.new("a"), netns.new("b")
+    pl.ok(conf, "ADD", "ca", netns_path(a), "eth0")
+    pl.ok(conf, "ADD", "cb", netns_path(b), "eth0")
+    assert ping(a, "10.244.22.3")
+    ruleset = subprocess.run(
+        ["ip", "netns", "exec", nname, "nft", "list", "table", "bridge", "kproxy-cni"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert ruleset.count("ether saddr !=") == 2
+    subprocess.run(["ip", "-n", a, "link", "set", "eth0", "address", "02:00:00:00:00:99"], check=True)
+    subprocess.run(["ip", "-n", a, "neigh", "flush", "all"], check=True)
+    assert not ping(a, "10.244.22.3", timeout=1.5)
+    for cid, p in (("ca", a), ("cb", b)):
+        pl.ok(conf, "DEL", cid, netns_path(p), "eth0")
+        pl.ok(conf, "DEL", cid, netns_path(p), "eth0")
+    ruleset = subprocess.run(
+        ["ip", "netns", "exec", nname, "nft", "list", "table", "bridge", "kproxy-cni"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "chain" not in ruleset
 
 
 def test_forceaddress_and_existing_bridge_address(node: Node, netns: Netns, data_dir: str) -> None:
