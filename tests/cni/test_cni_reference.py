@@ -166,3 +166,28 @@ def test_portmap_chained_after_kproxy_bridge(node: Node, netns: Netns, data_dir:
     runtime.delete(conflist, "ccli", netns_path(client), "eth0", cni_path=cni_path, netns_exec=nname)
     assert "8080" not in iptables_nat(nname)
     assert ip_files(data_dir, "pm") == []
+
+
+def test_kproxy_bridge_with_reference_static_ipam(node: Node, netns: Netns) -> None:
+    _, pl = node
+    a, b = netns.new("a"), netns.new("b")
+    for i, p in enumerate((a, b)):
+        conf = {
+            "cniVersion": "1.0.0",
+            "name": "static",
+            "type": "kproxy-bridge",
+            "bridge": "kpcnibr0",
+            "isGateway": True,
+            "ipam": {
+                "type": "static",
+                "addresses": [{"address": f"10.244.23.{10 + i}/24", "gateway": "10.244.23.1"}],
+                "routes": [{"dst": "0.0.0.0/0"}],
+            },
+        }
+        res = pl.ok(conf, "ADD", f"c{i}", netns_path(p), "eth0")
+        assert res is not None and res["ips"] == [
+            {"address": f"10.244.23.{10 + i}/24", "gateway": "10.244.23.1", "interface": 2}
+        ]
+    assert ping(a, "10.244.23.11") and ping(b, "10.244.23.1")
+    pl.ok(conf, "DEL", "c1", netns_path(b), "eth0")
+    assert "eth0" not in {x["ifname"] for x in ip_json(b, "link", "show")}
