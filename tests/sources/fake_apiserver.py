@@ -447,6 +447,7 @@ class _Handler(BaseHTTPRequestHandler):
             drop_epoch = fake._drop_epoch
             bm_epoch = fake._bookmark_epoch
             fake.active_watches += 1
+            fake.cond.notify_all()
         self.close_connection = True  # a watch never goes back to keep-alive in this fake
         try:
             self.send_response(200)
