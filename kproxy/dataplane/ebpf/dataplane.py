@@ -54,6 +54,7 @@ class EbpfDataPlane:
         self.group_sets: dict[str, set[str]] = {}
         self.next_set_id = 1
         self._aff_hint = 1
+        self.used_aff: set[int] = set()
         self.node_addrs: set[str] | None = None
         self.masq_mark = 1 << config.masquerade_bit
         self.need_snat = False
@@ -157,6 +158,7 @@ class EbpfDataPlane:
             self.sets[name] = SetState(aff_id, set_id, None if None in bes else tuple(bes))  # type: ignore[arg-type]
             self.group_sets.setdefault(group, set()).add(name)
         self.next_set_id = max(self.next_set_id, max_set + 1)
+        self.used_aff = {st.aff_id for st in self.sets.values()}
 
     # ---- sync ------------------------------------------------------------------------------------------
     def sync(self, snapshot: ProxySnapshot, changes: Changes, full: bool) -> SyncResult:
@@ -201,13 +203,13 @@ class EbpfDataPlane:
             raise SyncError(f"ebpf mode: {e}") from None
         return res
 
-    def _alloc_aff(self, name: str, taken: set[int]) -> int:
-        used = {s.aff_id for s in self.sets.values()} | taken
+    def _alloc_aff(self, name: str) -> int:
         # ids are small and dense; a linear probe from the last allocation is cheap enough
         aff_id = self._aff_hint
-        while aff_id in used or aff_id == m.META_ATTACHMENTS:
+        while aff_id in self.used_aff or aff_id == m.META_ATTACHMENTS:
             aff_id = aff_id + 1 if aff_id < 0xFFFFFFFF else 1
         self._aff_hint = aff_id + 1
+        self.used_aff.add(aff_id)
         assert self.maps is not None
         self.maps.meta.put(m.meta_key(aff_id), m.meta_val(name))
         return aff_id
@@ -235,7 +237,7 @@ class EbpfDataPlane:
                 if cur is not None:
                     aff_id = cur.aff_id
                 else:
-                    aff_id = self._alloc_aff(name, new_affs)
+                    aff_id = self._alloc_aff(name)
                     new_affs.add(aff_id)
                 st = SetState(aff_id, self._alloc_set_id(), backends)
                 plan.append((name, st, cur))
@@ -325,6 +327,7 @@ class EbpfDataPlane:
                 for b in gone.backends or ():
                     mp.member.delete(m.member_key(gone.aff_id, b.ip, b.port))
                 mp.meta.delete(m.meta_key(gone.aff_id))
+                self.used_aff.discard(gone.aff_id)
         except bpfsys.BpfError as e:
             log.warning("ebpf: removing old entries of %s failed (next full sync retries): %s", group, e)
         return writes
@@ -340,6 +343,7 @@ class EbpfDataPlane:
                 self.maps.member.delete(k)
             for a in new_affs:
                 self.maps.meta.delete(m.meta_key(a))
+        self.used_aff -= new_affs
 
     def _gc(self) -> int:
         """Delete map entries nothing references; re-add missing membership entries. Returns writes."""
