@@ -32,6 +32,9 @@ class IptablesDataPlane(DataPlane):
         self.backend_name = ""
         self.backends: dict[int, Backend] = {}
         self._rendered: dict[int, dict[ServicePortName, r.ServiceRules]] = {4: {}, 6: {}}
+        # kproxy chains known to be in the kernel after our last successful sync, per family and table;
+        # None means "unknown" (first sync, or a failed one): the next full sync reads iptables-save.
+        self._kernel_chains: dict[int, dict[str, set[str]] | None] = {4: None, 6: None}
         self.rule_counts: dict[tuple[int, str], int] = {}
         self.no_local_endpoints: dict[int, tuple[int, int]] = {}  # family → (internal, external) for metrics
         self.keep_restore_text = False  # benchmarks replay the exact text to time iptables-restore alone
@@ -105,9 +108,14 @@ class IptablesDataPlane(DataPlane):
             text = script.text() if script else ""
             t1 = time.perf_counter()
             if text:
-                b.restore(text)
+                try:
+                    b.restore(text)
+                except SyncError:
+                    self._kernel_chains[fam] = None
+                    raise
                 if self.keep_restore_text:
                     self.last_restore_text[fam] = text
+            self._kernel_chains[fam] = _declared_after(script, self._kernel_chains[fam], full)
             t2 = time.perf_counter()
             self._rendered[fam] = rendered
             result.render_seconds += t1 - t0
@@ -140,9 +148,11 @@ class IptablesDataPlane(DataPlane):
             script.flush_chain(table, chain, rules)
         # delete kproxy chains the kernel holds that are no longer wanted (stale or from an older run)
         wanted_nat = {c for sr in rendered.values() for c in sr.chains}
+        known = self._kernel_chains[ctx.family]
         for table in (r.NAT, r.FILTER):
             declared = {line[1:].split(" ", 1)[0] for line in script.declare[table]}
-            for chain in _chains(b.save(table)):
+            in_kernel = known[table] if known is not None else _chains(b.save(table))
+            for chain in in_kernel:
                 if chain.startswith(r.PREFIX) and chain not in declared and chain not in wanted_nat:
                     script.delete_chain(table, chain)
         return script, rendered
@@ -212,6 +222,20 @@ class IptablesDataPlane(DataPlane):
         for fam, b in self.backends.items():
             out.extend(read_status(b.save(r.NAT), b.save(r.FILTER), fam))
         return out
+
+
+def _declared_after(script: r.RestoreScript, before: dict[str, set[str]] | None, full: bool
+                    ) -> dict[str, set[str]] | None:
+    """The kproxy chains the kernel holds after ``script`` was applied (None if not known)."""
+    if before is None and not full:
+        return None
+    out: dict[str, set[str]] = {}
+    for table in (r.NAT, r.FILTER):
+        chains = set() if full else set(before[table])  # type: ignore[index]
+        chains |= {line[1:].split(" ", 1)[0] for line in script.declare[table]}
+        chains -= {line[3:] for line in script.remove[table]}
+        out[table] = chains
+    return out
 
 
 def _chains(save_output: str) -> set[str]:
