@@ -30,6 +30,7 @@ from .harness import ModeSpec, Scenario
 MODES: list[tuple[str, list[str]]] = [
     ("iptables", ["--iptables-backend", "legacy"]),
     ("iptables", ["--iptables-backend", "nft"]),
+    ("nftables", []),
 ]
 
 # mode → {feature: reason it is not supported}

@@ -334,7 +334,8 @@ def render_service(sp: ServicePort, eps: tuple[EndpointInfo, ...], ctx: Context)
     port = sp.port
     ext_ips = tuple(ip for ip in sp.external_ips if family_of(ip) == fam)
     lb_ips = tuple(ip for ip in sp.lb_ips if family_of(ip) == fam)
-    has_endpoints = bool(cat.reachable)
+    # kube-proxy's hasAnyEndpoints: a usable endpoint anywhere (then a policy miss DROPs instead of REJECTs)
+    has_endpoints = bool(cat.reachable) or any(e.ready or (e.serving and e.terminating) for e in fam_eps)
     no_ep_verdict = "drop" if has_endpoints else f"goto {REJECT_CHAIN}"
     sc_eps = cluster_wide(sp, fam_eps, ctx.node_zone) if sp.external_local else ()
     out.no_local = {
