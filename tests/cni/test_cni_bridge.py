@@ -288,3 +288,20 @@ def test_installed_console_scripts_answer_version() -> None:
             [exe], input=b'{"cniVersion": "0.4.0"}', env={"CNI_COMMAND": "VERSION"}, capture_output=True, check=True
         )
         assert b'"supportedVersions"' in p.stdout and b'"0.4.0"' in p.stdout
+
+
+def test_add_retried_after_lost_interface_is_idempotent(node: Node, netns: Netns, data_dir: str) -> None:
+    """A retried ADD (e.g. the runtime crashed and the pod's interface is gone) reuses the allocation and
+    re-installs the masquerade rules without duplicating them."""
+    nname, pl = node
+    conf = bridge_conf("retry", data_dir, "10.244.24.0/24", ipMasq=True)
+    a, b = netns.new("a"), netns.new("b")
+    first = pl.ok(conf, "ADD", "ca", netns_path(a), "eth0")
+    pl.ok(conf, "ADD", "cb", netns_path(b), "eth0")
+    subprocess.run(["ip", "-n", a, "link", "del", "eth0"], check=True)
+    again = pl.ok(conf, "ADD", "ca", netns_path(a), "eth0")
+    assert first is not None and again is not None and again["ips"] == first["ips"]
+    nat = iptables_nat(nname)
+    assert nat.count("-A POSTROUTING -s 10.244.24.2/32") == 1 and nat.count("-j MASQUERADE") == 2
+    assert ip_files(data_dir, "retry") == ["10.244.24.2", "10.244.24.3"]
+    assert ping(a, "10.244.24.3")
