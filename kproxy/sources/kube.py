@@ -237,6 +237,7 @@ class KubeSource:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._open: set[Any] = set()  # live urllib3 responses, shut down on stop
         self._open_lock = threading.Lock()
+        self._auth_lock = threading.Lock()
         self._api_client: Any = None
         self._api_config: Any = None
         self._pool: Any = None
@@ -317,11 +318,13 @@ class KubeSource:
         if self._stop.is_set():
             raise _Stopped
         headers = {"Accept": "application/json", "User-Agent": "kproxy"}
-        # auth_settings() runs the configuration's refresh hook (exec plugins, rotated in-cluster tokens).
-        for auth in self._api_config.auth_settings().values():
-            if auth.get("in") == "header" and auth.get("value"):
-                headers[auth["key"]] = auth["value"]
-        url = (self.config.master or self._api_config.host).rstrip("/") + path
+        # auth_settings() runs the configuration's refresh hook (exec plugins, rotated in-cluster tokens),
+        # which rewrites the shared configuration: one thread at a time.
+        with self._auth_lock:
+            for auth in self._api_config.auth_settings().values():
+                if auth.get("in") == "header" and auth.get("value"):
+                    headers[auth["key"]] = auth["value"]
+            url = (self.config.master or self._api_config.host).rstrip("/") + path
         if params:
             url += "?" + urlencode(params)
         resp = self._pool.request(

@@ -85,6 +85,7 @@ class RecordedRequest:
     resource: str
     watch: bool
     params: dict[str, str]
+    headers: dict[str, str] = field(default_factory=dict)  # lower-cased names
     at: float = field(default_factory=time.monotonic)
 
 
@@ -328,7 +329,8 @@ class _Handler(BaseHTTPRequestHandler):
         params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         watch = params.get("watch") in ("1", "true")
         with fake.cond:
-            fake.requests.append(RecordedRequest(resource, watch, params))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            fake.requests.append(RecordedRequest(resource, watch, params, headers))
         failure = fake._take_failure(resource, watch)
         if failure is not None:
             extra = {"Retry-After": str(failure.retry_after)} if failure.retry_after is not None else None

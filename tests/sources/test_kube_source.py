@@ -60,6 +60,8 @@ def test_initial_list_paginated_then_synced(fake, run_source):
     assert "fieldSelector" not in w, "Services are watched unfiltered (DNS wants all of them)"
     assert fake.watch_requests("nodes")[0]["fieldSelector"] == f"metadata.name={NODE}"
     assert fake.list_requests("nodes")[0]["fieldSelector"] == f"metadata.name={NODE}"
+    # the kubeconfig's credentials are used on every request
+    assert {r.headers.get("authorization") for r in fake.requests} == {"Bearer test-token"}
 
 
 def test_rv_newer():
