@@ -178,6 +178,17 @@ class Stats:
     last_rv: dict[str, str] = field(default_factory=dict)
 
 
+def keepalive_socket_options(idle: int = 30, interval: int = 15, count: int = 9) -> list[tuple[int, int, int]]:
+    import socket
+
+    opts = list(urllib3.connection.HTTPConnection.default_socket_options)  # keeps TCP_NODELAY
+    opts.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+        if hasattr(socket, name):
+            opts.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    return opts
+
+
 class _Stopped(Exception):
     pass
 
@@ -307,6 +318,10 @@ class KubeSource:
     def _connect(self, api_config: Any) -> None:
         from kubernetes import client as kclient
 
+        if getattr(api_config, "socket_options", None) is None:
+            # TCP keepalive like client-go's dialer (30 s idle, 15 s probes): a watch on a dead peer
+            # (node lost its route, apiserver VM gone) is noticed in ~3 min, not at the read timeout.
+            api_config.socket_options = keepalive_socket_options()
         self._api_config = api_config
         self._api_client = kclient.ApiClient(api_config)
         self._pool = self._api_client.rest_client.pool_manager

@@ -9,6 +9,7 @@ production: from a kubeconfig file (written to tmp_path) that points at the fake
 from __future__ import annotations
 
 import itertools
+import socket
 import time
 
 import pytest
@@ -62,6 +63,8 @@ def test_initial_list_paginated_then_synced(fake, run_source):
     assert fake.list_requests("nodes")[0]["fieldSelector"] == f"metadata.name={NODE}"
     # the kubeconfig's credentials are used on every request
     assert {r.headers.get("authorization") for r in fake.requests} == {"Bearer test-token"}
+    # TCP keepalive on the API connections (a dead peer is noticed long before the watch's read timeout)
+    assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in runner.source._api_config.socket_options
 
 
 def test_rv_newer():
