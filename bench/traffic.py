@@ -1,0 +1,735 @@
+"""Data-path benchmark: packets, connections, requests and throughput through a Service vs straight to a pod.
+
+One run, one namespace topology (``kproxy.testing.Topology``, 3 pods; nothing touches the host's namespace),
+one kproxy daemon in the node namespace in the chosen ``--proxy-mode``. Every measurement alternates the
+Service path and the direct path in the same conditions, ``--repeats`` times:
+
+- **packets** (scapy traffic generator): frames are built once with scapy (TCP SYN and UDP datagrams from
+  ``--sources`` distinct source addresses added to the sender's eth0, random source ports, ``--flows``
+  distinct flows) and sent as pre-serialised bytes in a tight loop over an ``AF_PACKET`` socket for
+  ``--duration`` seconds (scapy's own send loop manages a few thousand packets/s; raw bytes several 10k/s).
+  Four paths: client pod -> ClusterIP, client pod -> pod IPs (bridged, the pod-to-pod baseline), external
+  host -> NodePort, external host -> pod IPs (routed through the node). nft counters *inside* the pod
+  namespaces count what each backend received (delivered packets/s, per-backend share); counters in the
+  sender's namespace count what came back (SYN-ACKs, UDP echoes).
+- **conn/s**: ``wrk`` with ``Connection: close`` (one TCP connection per request) to the ClusterIP vs pod0;
+  per-backend share from the pods' SYN counters.
+- **HTTP req/s**: ``wrk`` with keep-alive, ClusterIP vs pod0.
+- **iperf3**: client pod -> ClusterIP vs pod0, external host -> NodePort vs pod0 (routed).
+
+Servers in the pods: a small epoll C server (HTTP on 8080, UDP echo on 5300, 2 SO_REUSEPORT threads, so
+one pod can use the whole machine and the direct path is not server-bound) and ``iperf3 -s`` in pod0.
+Reported: median [min–max] over the repeats; ratio = Service path / direct path, the median of the
+per-repeat ratios (each pair measured back to back). Target: ratio ≥ 0.95.
+
+    sudo .venv/bin/python bench/traffic.py --proxy-mode iptables --iptables-backend legacy \
+        --out bench/results/traffic-iptables-legacy.md
+    sudo .venv/bin/python bench/traffic.py --proxy-mode nftables -- --v 2   # extra daemon flags after --
+
+Modes: iptables (both back ends), nftables, ebpf (clients run in a child cgroup where the socket-LB
+programs are attached; tc programs on the node's external interface and on the client's bridge port, so
+raw frames to the ClusterIP are translated too), ipvs (needs a kernel with IP_VS, e.g. inside the VM of
+``kproxy/testing/vm.py``: refused with a clear message elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+CACHE = os.path.join(REPO, ".cache", "kproxy")
+MODES = ("iptables", "nftables", "ebpf", "ipvs")
+
+VIP = "10.96.50.10"  # ClusterIP: TCP 8080 (HTTP), UDP 5300
+NP_VIP = "10.96.50.12"  # NodePort Service: TCP 30080, UDP 30053
+IPERF_VIP = "10.96.50.11"  # ClusterIP + NodePort 30201 -> pod0:5201 (one endpoint: iperf3 needs two
+#                            connections of one test on the same server)
+HTTP_PORT, UDP_PORT, IPERF_PORT = 8080, 5300, 5201
+NP_HTTP, NP_UDP, NP_IPERF = 30080, 30053, 30201
+CLIENT_SRC_BASE = "10.244.1.128"  # --sources extra addresses on the client's eth0 (free in the pod /24)
+EXT_SRC_BASE = "203.0.113.128"  # ... and on the external host's eth0
+COUNTER_TABLE = "kpbench"
+
+SERVER_C = r"""
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static const char *name;
+static int http_port, udp_port;
+static char ka[256], cl[256], body[64];
+static int ka_len, cl_len, body_len;
+
+static int bound(int type, int port) {
+    int s = socket(AF_INET6, type | SOCK_NONBLOCK, 0), zero = 0, one = 1;
+    setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero));
+    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    setsockopt(s, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+    struct sockaddr_in6 a = {.sin6_family = AF_INET6, .sin6_port = htons(port), .sin6_addr = in6addr_any};
+    if (bind(s, (void *)&a, sizeof(a))) { perror("bind"); exit(1); }
+    if (type == SOCK_STREAM && listen(s, 4096)) { perror("listen"); exit(1); }
+    return s;
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    int lt = bound(SOCK_STREAM, http_port), lu = bound(SOCK_DGRAM, udp_port);
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = lt};
+    epoll_ctl(ep, EPOLL_CTL_ADD, lt, &ev);
+    ev.data.fd = lu;
+    epoll_ctl(ep, EPOLL_CTL_ADD, lu, &ev);
+    struct epoll_event evs[64];
+    char buf[8192];
+    for (;;) {
+        int n = epoll_wait(ep, evs, 64, -1);
+        for (int i = 0; i < n; i++) {
+            int fd = evs[i].data.fd;
+            if (fd == lt) {
+                for (;;) {
+                    int c = accept4(lt, NULL, NULL, SOCK_NONBLOCK);
+                    if (c < 0) break;
+                    int one = 1;
+                    setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+                    struct epoll_event ce = {.events = EPOLLIN, .data.fd = c};
+                    epoll_ctl(ep, EPOLL_CTL_ADD, c, &ce);
+                }
+            } else if (fd == lu) {
+                for (int k = 0; k < 64; k++) {
+                    struct sockaddr_in6 from;
+                    socklen_t fl = sizeof(from);
+                    ssize_t r = recvfrom(lu, buf, sizeof(buf), 0, (void *)&from, &fl);
+                    if (r < 0) break;
+                    sendto(lu, body, body_len, MSG_DONTWAIT, (void *)&from, fl);
+                }
+            } else {
+                ssize_t r = read(fd, buf, sizeof(buf) - 1);
+                if (r <= 0) { close(fd); continue; }
+                buf[r] = 0;
+                int reqs = 0, close_it = 0;
+                for (char *p = buf; (p = strstr(p, "\r\n\r\n")); p += 4) reqs++;
+                if (strcasestr(buf, "connection: close")) close_it = 1;
+                for (int k = 0; k < reqs; k++) {
+                    if (close_it) send(fd, cl, cl_len, MSG_NOSIGNAL);
+                    else send(fd, ka, ka_len, MSG_NOSIGNAL);
+                }
+                if (close_it) close(fd);
+            }
+        }
+    }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 5) { fprintf(stderr, "usage: NAME HTTP_PORT UDP_PORT THREADS\n"); return 2; }
+    name = argv[1]; http_port = atoi(argv[2]); udp_port = atoi(argv[3]);
+    int threads = atoi(argv[4]);
+    body_len = snprintf(body, sizeof(body), "%s\n", name);
+    ka_len = snprintf(ka, sizeof(ka), "HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Type: text/plain\r\n\r\n%s",
+                      body_len, body);
+    cl_len = snprintf(cl, sizeof(cl), "HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n"
+                      "Content-Type: text/plain\r\n\r\n%s", body_len, body);
+    pthread_t t[16];
+    for (int i = 0; i < threads && i < 16; i++) pthread_create(&t[i], NULL, worker, NULL);
+    usleep(100000);
+    printf("ready\n");
+    fflush(stdout);
+    pthread_join(t[0], NULL);
+    return 0;
+}
+"""
+
+
+# ---- the sender (runs inside the sender's namespace, no scapy import) ----------------------------------------
+def sender_main(frames_path: str, duration: float, max_packets: int, ifname: str) -> int:
+    """Send pre-built frames round-robin over AF_PACKET until ``duration`` or ``max_packets``; print JSON."""
+    with open(frames_path, "rb") as f:
+        data = f.read()
+    frames: list[bytes] = []
+    off = 0
+    while off < len(data):
+        (n,) = struct.unpack_from("!H", data, off)
+        frames.append(data[off + 2:off + 2 + n])
+        off += 2 + n
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    with contextlib.suppress(OSError):
+        s.setsockopt(263, 20, 1)  # SOL_PACKET, PACKET_QDISC_BYPASS
+    s.bind((ifname, 0))
+    send = s.send
+    sent = errors = 0
+    chunk = 256
+    t0 = time.perf_counter()
+    end = t0 + duration
+    i = 0
+    nf = len(frames)
+    while sent + errors < max_packets:
+        batch = frames[i:i + chunk]
+        i = (i + chunk) % nf
+        for fr in batch:
+            try:
+                send(fr)
+                sent += 1
+            except OSError:
+                errors += 1
+        if time.perf_counter() >= end:
+            break
+    took = time.perf_counter() - t0
+    print(json.dumps({"sent": sent, "errors": errors, "seconds": took}))
+    return 0
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------
+def build_server() -> str:
+    os.makedirs(CACHE, exist_ok=True)
+    src, out = os.path.join(CACHE, "kpbsrv.c"), os.path.join(CACHE, "kpbsrv")
+    current = ""
+    with contextlib.suppress(OSError), open(src) as f:
+        current = f.read()
+    if current != SERVER_C or not os.path.exists(out):
+        with open(src, "w") as f:
+            f.write(SERVER_C)
+        subprocess.run(["cc", "-O2", "-pthread", "-o", out, src], check=True)
+    return out
+
+
+def stat(values: list[float], digits: int = 0) -> str:
+    if not values:
+        return "–"
+    return f"{statistics.median(values):,.{digits}f} [{min(values):,.{digits}f}–{max(values):,.{digits}f}]"
+
+
+def load_avg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def addr_plus(base: str, k: int) -> str:
+    return socket.inet_ntoa(struct.pack("!I", struct.unpack("!I", socket.inet_aton(base))[0] + k))
+
+
+def manifests(directory: str, pods: list[tuple[str, str]]) -> None:
+    """The benchmark's Services and EndpointSlices (``pods``: (name, ip))."""
+    def svc(name: str, ip: str, ports: list[dict[str, Any]], nodeport: bool = False) -> dict[str, Any]:
+        spec: dict[str, Any] = {"clusterIP": ip, "clusterIPs": [ip], "ports": ports}
+        spec["type"] = "NodePort" if nodeport else "ClusterIP"
+        return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "bench"},
+                "spec": spec}
+
+    def eps(name: str, ports: list[dict[str, Any]], backends: list[tuple[str, str]]) -> dict[str, Any]:
+        return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": f"{name}-x1", "namespace": "bench",
+                             "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4", "ports": ports,
+                "endpoints": [{"addresses": [ip], "conditions": {"ready": True}, "nodeName": "node-a",
+                               "targetRef": {"kind": "Pod", "namespace": "bench", "name": n}}
+                              for n, ip in backends]}
+
+    http = {"name": "http", "protocol": "TCP", "port": HTTP_PORT, "targetPort": HTTP_PORT}
+    udp = {"name": "udp", "protocol": "UDP", "port": UDP_PORT, "targetPort": UDP_PORT}
+    ep_ports = [{"name": "http", "protocol": "TCP", "port": HTTP_PORT},
+                {"name": "udp", "protocol": "UDP", "port": UDP_PORT}]
+    iperf = {"name": "iperf", "protocol": "TCP", "port": IPERF_PORT, "targetPort": IPERF_PORT,
+             "nodePort": NP_IPERF}
+    items = [
+        svc("bench", VIP, [http, udp]),
+        eps("bench", ep_ports, pods),
+        svc("bench-np", NP_VIP, [{**http, "nodePort": NP_HTTP}, {**udp, "nodePort": NP_UDP}], nodeport=True),
+        eps("bench-np", ep_ports, pods),
+        svc("bench-iperf", IPERF_VIP, [iperf], nodeport=True),
+        eps("bench-iperf", [{"name": "iperf", "protocol": "TCP", "port": IPERF_PORT}], pods[:1]),
+    ]
+    tmp = os.path.join(directory, ".bench.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"apiVersion": "v1", "kind": "List", "items": items}, f)
+    os.replace(tmp, os.path.join(directory, "bench.json"))
+
+
+# ---- counters inside the namespaces -------------------------------------------------------------------------
+POD_COUNTERS = f"""
+table inet {COUNTER_TABLE} {{
+  counter c_syn {{}}
+  counter c_udp {{}}
+  chain pre {{
+    type filter hook prerouting priority -400; policy accept;
+    tcp dport {HTTP_PORT} tcp flags & (syn | ack) == syn counter name "c_syn"
+    udp dport {UDP_PORT} counter name "c_udp"
+  }}
+}}
+"""
+
+# replies to the generator's frames: counted, and UDP echoes dropped (no socket: they would only cause ICMP
+# errors); SYN-ACKs are let through so the sender's kernel resets the half-open connections
+SENDER_COUNTERS = f"""
+table inet {COUNTER_TABLE} {{
+  counter c_synack {{}}
+  counter c_udp {{}}
+  chain pre {{
+    type filter hook prerouting priority -400; policy accept;
+    tcp sport {{ {HTTP_PORT}, {NP_HTTP} }} tcp flags & (syn | ack) == syn | ack counter name "c_synack"
+    udp sport {{ {UDP_PORT}, {NP_UDP} }} counter name "c_udp" drop
+  }}
+}}
+"""
+
+
+@dataclass
+class Bench:
+    topo: Any
+    args: argparse.Namespace
+    cgroup: str = ""
+    frames_dir: str = ""
+    pods: list[Any] = field(default_factory=list)
+    macs: dict[str, str] = field(default_factory=dict)
+
+    # -- namespaces ---------------------------------------------------------------------------------------
+    def mac(self, ns: str, dev: str) -> str:
+        out = self.topo.exec(ns, ["ip", "-j", "link", "show", dev]).stdout
+        return str(json.loads(out)[0]["address"])
+
+    def prepare(self, server: str) -> None:
+        t = self.topo
+        self.pods = [t.pod[n] for n in sorted(t.pod)]
+        for pod in self.pods:
+            t.spawn(pod.ns, [server, pod.name, str(HTTP_PORT), str(UDP_PORT), "2"], wait_for="ready")
+            t.exec(pod.ns, ["nft", "-f", "-"], input=POD_COUNTERS)
+        t.spawn(self.pods[0].ns, ["iperf3", "-s", "-p", str(IPERF_PORT)])
+        for ns, base in ((t.client, CLIENT_SRC_BASE), (t.ext, EXT_SRC_BASE)):
+            batch = "".join(f"addr add {addr_plus(base, k)}/32 dev eth0\n" for k in range(self.args.sources))
+            t.exec(ns, ["ip", "-batch", "-"], input=batch)
+            t.exec(ns, ["nft", "-f", "-"], input=SENDER_COUNTERS)
+        from kproxy.testing.topology import BRIDGE
+
+        self.macs = {"client": self.mac(t.client, "eth0"), "gw": self.mac(t.node, BRIDGE),
+                     "ext": self.mac(t.ext, "eth0"), "node_ext": self.mac(t.node, "ext0")}
+        for pod in self.pods:
+            self.macs[pod.name] = self.mac(pod.ns, "eth0")
+        # pods learn the generator's source addresses up front (no ARP storm at the first packets)
+        for pod in self.pods:
+            batch = "".join(f"neigh replace {addr_plus(CLIENT_SRC_BASE, k)} lladdr {self.macs['client']} "
+                            f"dev eth0 nud permanent\n" for k in range(self.args.sources))
+            t.exec(pod.ns, ["ip", "-batch", "-"], input=batch)
+        time.sleep(0.3)  # let iperf3 bind
+
+    def counters(self, namespaces: list[str]) -> dict[str, dict[str, int]]:
+        """Packet counts of our nft counters in each namespace (one shell for all)."""
+        script = "; ".join(f"echo '#{ns}'; ip netns exec {ns} nft -j list counters table inet {COUNTER_TABLE}"
+                           for ns in namespaces)
+        out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60, check=True).stdout
+        res: dict[str, dict[str, int]] = {}
+        cur = ""
+        for line in out.splitlines():
+            if line.startswith("#"):
+                cur = line[1:]
+                res[cur] = {}
+            elif line.strip():
+                for obj in json.loads(line).get("nftables", []):
+                    if "counter" in obj:
+                        res[cur][obj["counter"]["name"].removeprefix("c_")] = int(obj["counter"]["packets"])
+        return res
+
+    # -- the packet generator -------------------------------------------------------------------------------
+    def frames(self, label: str, src_base: str, src_mac: str, targets: list[tuple[str, str, int]],
+               proto: str) -> str:
+        """Build ``--flows`` frames with scapy; ``targets``: (dst MAC, dst IP, dst port), used round-robin."""
+        from scapy.layers.inet import IP, TCP, UDP
+        from scapy.layers.l2 import Ether
+
+        rnd = random.Random(f"{label}-{proto}")
+        out = bytearray()
+        for i in range(self.args.flows):
+            dmac, dip, dport = targets[i % len(targets)]
+            src = addr_plus(src_base, i % self.args.sources)
+            sport = rnd.randrange(10000, 60000)
+            l3 = Ether(src=src_mac, dst=dmac) / IP(src=src, dst=dip, ttl=64)
+            if proto == "tcp":
+                pkt = l3 / TCP(sport=sport, dport=dport, flags="S", seq=rnd.randrange(1 << 32), window=64240)
+            else:
+                pkt = l3 / UDP(sport=sport, dport=dport) / b"kproxy-bench-payload"
+            raw = bytes(pkt)
+            out += struct.pack("!H", len(raw)) + raw
+        path = os.path.join(self.frames_dir, f"{label}-{proto}.bin")
+        with open(path, "wb") as f:
+            f.write(out)
+        return path
+
+    def send(self, ns: str, path: str, duration: float) -> dict[str, Any]:
+        p = self.topo.exec(ns, [sys.executable, os.path.abspath(__file__), "--send", path, "--duration",
+                                str(duration), "--max-packets", str(self.args.max_packets)], timeout=duration + 60)
+        return dict(json.loads(p.stdout))
+
+    def packet_round(self, ns: str, path: str, proto: str) -> dict[str, Any]:
+        watch = [p.ns for p in self.pods] + [ns]
+        before = self.counters(watch)
+        r = self.send(ns, path, self.args.duration)
+        time.sleep(0.3)  # replies in flight
+        after = self.counters(watch)
+        key_in, key_back = ("syn", "synack") if proto == "tcp" else ("udp", "udp")
+        per_pod = {p.name: after[p.ns][key_in] - before[p.ns][key_in] for p in self.pods}
+        back = after[ns][key_back] - before[ns][key_back]
+        secs = r["seconds"]
+        return {"sent_pps": r["sent"] / secs, "delivered_pps": sum(per_pod.values()) / secs,
+                "reply_pps": back / secs, "per_pod": per_pod, "sent": r["sent"], "send_errors": r["errors"]}
+
+    # -- socket clients -------------------------------------------------------------------------------------
+    def client_argv(self, ns: str, argv: list[str]) -> list[str]:
+        """``argv`` in ``ns``; in the ebpf mode inside the child cgroup the socket-LB programs are attached to."""
+        if self.cgroup:
+            return ["sh", "-c", f'echo $$ > {self.cgroup}/cgroup.procs && exec ip netns exec "$0" "$@"', ns, *argv]
+        return ["ip", "netns", "exec", ns, *argv]
+
+    def run_client(self, ns: str, argv: list[str], timeout: float) -> str:
+        p = subprocess.run(self.client_argv(ns, argv), capture_output=True, text=True, timeout=timeout)
+        if p.returncode != 0:
+            raise RuntimeError(f"{argv[0]} failed: {p.stderr.strip() or p.stdout.strip()}")
+        return p.stdout
+
+    def wrk(self, ip: str, close: bool) -> dict[str, Any]:
+        d = max(1, round(self.args.duration))
+        argv = ["wrk", "-t", "2", "-c", str(self.args.connections), "-d", f"{d}s"]
+        if close:
+            argv += ["-H", "Connection: close"]
+        pods_ns = [p.ns for p in self.pods]
+        before = self.counters(pods_ns) if close else {}
+        out = self.run_client(self.topo.client, [*argv, f"http://{ip}:{HTTP_PORT}/"], timeout=d + 60)
+        m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        if not m:
+            raise RuntimeError(f"unexpected wrk output: {out}")
+        errs = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        res: dict[str, Any] = {"rate": float(m.group(1)), "errors": errs + (int(non2xx.group(1)) if non2xx else 0)}
+        if close:
+            after = self.counters(pods_ns)
+            res["per_pod"] = {p.name: after[p.ns]["syn"] - before[p.ns]["syn"] for p in self.pods}
+        return res
+
+    def iperf(self, ns: str, ip: str, port: int) -> float:
+        d = max(1, round(self.args.duration))
+        out = self.run_client(ns, ["iperf3", "-c", ip, "-p", str(port), "-t", str(d), "-J"], timeout=d + 60)
+        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+    def wait_reachable(self) -> None:
+        """The first sync may be reported before every rule is in: wait for the VIP to answer."""
+        deadline = time.monotonic() + 30
+        argv = ["curl", "-s", "-m", "1", f"http://{VIP}:{HTTP_PORT}/"]
+        while time.monotonic() < deadline:
+            p = subprocess.run(self.client_argv(self.topo.client, argv), capture_output=True, text=True,
+                               timeout=10)
+            if p.returncode == 0 and p.stdout.strip():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"{VIP}:{HTTP_PORT} not reachable from the client; log: {self.topo.read_log()}")
+
+    # -- the whole run ----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        t, a = self.topo, self.args
+        m = self.macs
+        pod_targets = [(m[p.name], p.ip, HTTP_PORT) for p in self.pods]
+        pod_targets_udp = [(m[p.name], p.ip, UDP_PORT) for p in self.pods]
+        routed = [(m["node_ext"], p.ip, HTTP_PORT) for p in self.pods]
+        routed_udp = [(m["node_ext"], p.ip, UDP_PORT) for p in self.pods]
+        from kproxy.testing.topology import NODE_EXT_IP
+
+        # (key, sender namespace, frames): service path first, its baseline second
+        pairs = [
+            ("clusterip", "tcp", t.client, (CLIENT_SRC_BASE, m["client"], [(m["gw"], VIP, HTTP_PORT)]),
+             ("pod", (CLIENT_SRC_BASE, m["client"], pod_targets))),
+            ("clusterip", "udp", t.client, (CLIENT_SRC_BASE, m["client"], [(m["gw"], VIP, UDP_PORT)]),
+             ("pod", (CLIENT_SRC_BASE, m["client"], pod_targets_udp))),
+            ("nodeport", "tcp", t.ext, (EXT_SRC_BASE, m["ext"], [(m["node_ext"], NODE_EXT_IP, NP_HTTP)]),
+             ("pod-routed", (EXT_SRC_BASE, m["ext"], routed))),
+            ("nodeport", "udp", t.ext, (EXT_SRC_BASE, m["ext"], [(m["node_ext"], NODE_EXT_IP, NP_UDP)]),
+             ("pod-routed", (EXT_SRC_BASE, m["ext"], routed_udp))),
+        ]
+        want = set(a.only.split(",")) if a.only else {"packets", "conn", "http", "iperf"}
+        results: dict[str, Any] = {"packets": [], "conn": None, "http": None, "iperf": []}
+        if "packets" in want:
+            for key, proto, ns, svc_frames, (dkey, direct_frames) in pairs:
+                fs = self.frames(key, *svc_frames, proto)
+                fd = self.frames(f"{key}-{dkey}", *direct_frames, proto)
+                rounds: dict[str, list[dict[str, Any]]] = {"svc": [], "direct": []}
+                self.send(ns, fs, 0.3)  # warm up: ARP, conntrack, caches
+                self.send(ns, fd, 0.3)
+                for _ in range(a.repeats):
+                    rounds["svc"].append(self.packet_round(ns, fs, proto))
+                    rounds["direct"].append(self.packet_round(ns, fd, proto))
+                row = {"service": key, "baseline": dkey, "proto": proto, **rounds}
+                results["packets"].append(row)
+                print(json.dumps({"packets": key, "proto": proto,
+                                  "svc_delivered": [round(r["delivered_pps"]) for r in rounds["svc"]],
+                                  "direct_delivered": [round(r["delivered_pps"]) for r in rounds["direct"]]}),
+                      flush=True)
+        pod0 = self.pods[0]
+        for kind, close in (("conn", True), ("http", False)):
+            if kind not in want:
+                continue
+            self.wrk(VIP, close)  # warm up
+            r2: dict[str, list[dict[str, Any]]] = {"svc": [], "direct": []}
+            for _ in range(a.repeats):
+                r2["svc"].append(self.wrk(VIP, close))
+                r2["direct"].append(self.wrk(pod0.ip, close))
+            results[kind] = r2
+            print(json.dumps({kind: {k: [round(x["rate"]) for x in v] for k, v in r2.items()}}), flush=True)
+        if "iperf" in want:
+            for label, ns, vip, port in (("ClusterIP (client pod)", t.client, IPERF_VIP, IPERF_PORT),
+                                         ("NodePort (external host)", t.ext, NODE_EXT_IP, NP_IPERF)):
+                r3: dict[str, list[float]] = {"svc": [], "direct": []}
+                for _ in range(a.repeats):
+                    r3["svc"].append(self.iperf(ns, vip, port))
+                    r3["direct"].append(self.iperf(ns, pod0.ip, IPERF_PORT))
+                results["iperf"].append({"label": label, **r3})
+                print(json.dumps({"iperf": label, **{k: [round(x, 2) for x in v] for k, v in r3.items()}}),
+                      flush=True)
+        return results
+
+
+# ---- report -------------------------------------------------------------------------------------------------
+def ratios(svc: list[float], direct: list[float]) -> list[float]:
+    return [s / d for s, d in zip(svc, direct, strict=True) if d > 0]
+
+
+def share(per_pod_rounds: list[dict[str, int]]) -> dict[str, float]:
+    tot: dict[str, int] = {}
+    for r in per_pod_rounds:
+        for k, v in r.items():
+            tot[k] = tot.get(k, 0) + v
+    n = sum(tot.values())
+    return {k: (v / n if n else 0.0) for k, v in sorted(tot.items())}
+
+
+def fmt_share(sh: dict[str, float]) -> str:
+    return " / ".join(f"{v * 100:.1f}" for v in sh.values()) + " %" if sh else "–"
+
+
+def verdict(rs: list[float]) -> str:
+    if not rs:
+        return "–"
+    med = statistics.median(rs)
+    return f"{med:.3f} [{min(rs):.2f}–{max(rs):.2f}] {'✓' if med >= 0.95 else '✗'}"
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Numbers for the JSON output (and the smoke test)."""
+    out: dict[str, Any] = {"packets": {}, "conn": {}, "http": {}, "iperf": {}}
+    for row in results["packets"]:
+        k = f"{row['service']}-{row['proto']}"
+        out["packets"][k] = {
+            side: {"delivered_pps": statistics.median(r["delivered_pps"] for r in row[side]),
+                   "sent_pps": statistics.median(r["sent_pps"] for r in row[side]),
+                   "reply_pps": statistics.median(r["reply_pps"] for r in row[side]),
+                   "share": share([r["per_pod"] for r in row[side]])}
+            for side in ("svc", "direct")}
+        out["packets"][k]["ratio"] = statistics.median(ratios(
+            [r["delivered_pps"] for r in row["svc"]], [r["delivered_pps"] for r in row["direct"]]) or [0])
+    for kind in ("conn", "http"):
+        r = results.get(kind)
+        if r:
+            out[kind] = {side: statistics.median(x["rate"] for x in r[side]) for side in ("svc", "direct")}
+            out[kind]["errors"] = sum(x["errors"] for side in ("svc", "direct") for x in r[side])
+            if kind == "conn":
+                out[kind]["share"] = share([x["per_pod"] for x in r["svc"]])
+    for row in results["iperf"]:
+        out["iperf"][row["label"]] = {"svc": statistics.median(row["svc"]), "direct": statistics.median(row["direct"])}
+    return out
+
+
+def render(results: dict[str, Any], a: argparse.Namespace, meta: dict[str, str]) -> str:
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    mode = a.proxy_mode + (f" ({a.iptables_backend} back end)" if a.proxy_mode == "iptables" else "")
+    lines = [
+        f"# Data path through kproxy, {mode}: Service vs straight to the pod",
+        "",
+        f"`{meta['command']}` — {os.cpu_count()} cores ({cpu}), kernel {os.uname().release}, "
+        f"{meta['date']}. Load average (1/5/15 min) before the run: {meta['load_before']}, after: "
+        f"{meta['load_after']} (the machine was shared with other CPU-heavy work: absolute numbers are "
+        "noisy; the paths were measured alternately, so the ratios are the meaningful part).",
+        "",
+        f"Median [min–max] over {a.repeats} repeats of {a.duration:g} s; *ratio* = Service path / direct "
+        "path, the median [min–max] of the per-repeat ratios (✓ = ratio ≥ 0.95, the target).",
+    ]
+    if results["packets"]:
+        lines += [
+            "",
+            "## Packets: scapy-built frames sent as raw bytes over AF_PACKET",
+            "",
+            f"{a.flows} distinct flows from {a.sources} source addresses (random source ports), TCP SYN to the "
+            "HTTP port or 20-byte UDP datagrams to the UDP echo port, sent round-robin in a tight loop. "
+            "*delivered* = packets counted by nft counters inside the pod namespaces / sender time; *replies* "
+            "= SYN-ACKs or UDP echoes back in the sender's namespace; *share* = per-backend share of the "
+            "delivered packets, pod0 / pod1 / pod2 (the direct rows address the pods round-robin). "
+            "The sender's rate is CPU-bound: a costlier path slows the sender itself, so *sent* differs too.",
+            "",
+            "| path | proto | sent pkt/s | delivered pkt/s | replies pkt/s | ratio (delivered) | share |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        names = {"clusterip": "client pod → ClusterIP", "pod": "client pod → pod IPs (bridged)",
+                 "nodeport": "external → NodePort", "pod-routed": "external → pod IPs (routed)"}
+        for row in results["packets"]:
+            rs = ratios([r["delivered_pps"] for r in row["svc"]], [r["delivered_pps"] for r in row["direct"]])
+            for side, key in (("svc", row["service"]), ("direct", row["baseline"])):
+                rr = row[side]
+                lines.append(
+                    f"| {names[key]} | {row['proto'].upper()} | {stat([r['sent_pps'] for r in rr])} | "
+                    f"{stat([r['delivered_pps'] for r in rr])} | {stat([r['reply_pps'] for r in rr])} | "
+                    f"{verdict(rs) if side == 'svc' else ''} | {fmt_share(share([r['per_pod'] for r in rr]))} |")
+    if results["conn"] or results["http"]:
+        lines += ["", "## Connections and requests (wrk in the client pod, "
+                  f"2 threads, {a.connections} connections)", "",
+                  "| measurement | through the ClusterIP | straight to pod0 | ratio | errors | share (Service) |",
+                  "|---|---|---|---|---|---|"]
+        for kind, label in (("conn", "new TCP connections/s (`Connection: close`)"),
+                            ("http", "HTTP requests/s (keep-alive)")):
+            r = results[kind]
+            if not r:
+                continue
+            svc = [x["rate"] for x in r["svc"]]
+            direct = [x["rate"] for x in r["direct"]]
+            errs = sum(x["errors"] for side in ("svc", "direct") for x in r[side])
+            sh = fmt_share(share([x["per_pod"] for x in r["svc"]])) if kind == "conn" else "–"
+            lines.append(f"| {label} | {stat(svc)} | {stat(direct)} | {verdict(ratios(svc, direct))} | {errs} | "
+                         f"{sh} |")
+    if results["iperf"]:
+        lines += ["", "## iperf3 throughput (Gbit/s, one TCP stream; the Service has one endpoint, pod0)", "",
+                  "| from | through the Service | straight to pod0 | ratio |", "|---|---|---|---|"]
+        for row in results["iperf"]:
+            lines.append(f"| {row['label']} | {stat(row['svc'], 2)} | {stat(row['direct'], 2)} | "
+                         f"{verdict(ratios(row['svc'], row['direct']))} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- setup of the mode ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def mode_environment(a: argparse.Namespace) -> Iterator[tuple[str, list[str]]]:
+    """(cgroup for the clients or "", extra daemon flags) for ``--proxy-mode``."""
+    if a.proxy_mode == "iptables":
+        yield "", ["--iptables-backend", a.iptables_backend]
+    elif a.proxy_mode == "ebpf":
+        sys.path.insert(0, REPO)
+        from tests.ebpf.conftest import bpf_environment
+
+        with bpf_environment() as env:
+            # tc on the client's bridge port too, so raw frames to the ClusterIP are translated (socket LB
+            # only sees sockets)
+            yield env.cgroup, env.flags("ext0,vcl")
+    else:
+        yield "", []
+
+
+def check_mode(mode: str) -> str:
+    """An error message when ``mode`` cannot run here, else ""."""
+    if mode not in MODES:
+        return f"unknown proxy mode {mode!r}; supported: {', '.join(MODES)}"
+    if mode == "ipvs" and not os.path.exists("/proc/net/ip_vs"):
+        return ("the ipvs mode needs a kernel with IP_VS (this one has none: /proc/net/ip_vs is missing); "
+                "run the benchmark inside the VM of kproxy/testing/vm.py")
+    if mode == "ebpf":
+        try:
+            import bcc  # type: ignore[import-not-found]  # noqa: F401
+        except ImportError:
+            return "the ebpf mode needs bcc (python3-bpfcc, see shared/README.md)"
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    daemon_extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, daemon_extra = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--proxy-mode", default="iptables", help="iptables, nftables, ebpf or ipvs")
+    ap.add_argument("--iptables-backend", default="legacy", help="legacy or nft (iptables mode)")
+    ap.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--flows", type=int, default=4096, help="distinct frames (flows) per generator run")
+    ap.add_argument("--sources", type=int, default=64, help="distinct source addresses (≤ 127)")
+    ap.add_argument("--max-packets", type=int, default=2_000_000, help="cap on frames per generator run")
+    ap.add_argument("--connections", type=int, default=16, help="wrk connections")
+    ap.add_argument("--only", default="", help="comma list of packets,conn,http,iperf (default: all)")
+    ap.add_argument("--out", default="", help="write the Markdown table here (default: print only)")
+    ap.add_argument("--json", default="", help="write the summarised numbers as JSON here")
+    # internal: the sender process inside a namespace
+    ap.add_argument("--send", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--ifname", default="eth0", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.send:
+        return sender_main(a.send, a.duration, a.max_packets, a.ifname)
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 2
+    if not 1 <= a.sources <= 127:
+        ap.error("--sources must be 1..127")
+    err = check_mode(a.proxy_mode)
+    if err:
+        print(f"traffic.py: {err}", file=sys.stderr)
+        return 2
+    sys.path.insert(0, REPO)
+    os.environ.setdefault("KPROXY_CACHE_DIR", CACHE)
+    from kproxy.testing.topology import Topology, unique_prefix
+
+    meta = {"command": "bench/traffic.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_before": load_avg()}
+    server = build_server()
+    mdir = tempfile.mkdtemp(prefix="kpbench-traffic-")
+    try:
+        with mode_environment(a) as (cgroup, mode_flags), \
+                Topology(prefix=unique_prefix("kpb"), pods=3, ipv6=False, servers=False) as topo:
+            bench = Bench(topo, a, cgroup=cgroup, frames_dir=mdir)
+            bench.prepare(server)
+            man = os.path.join(mdir, "manifests")
+            os.mkdir(man)
+            manifests(man, [(p.name, p.ip) for p in bench.pods])
+            flags = [*mode_flags, *daemon_extra]
+            p = topo.start_daemon(man, a.proxy_mode, *flags)
+            try:
+                topo.wait_healthy(timeout=60)
+                bench.wait_reachable()
+                results = bench.run()
+            finally:
+                topo.stop_daemon(p)
+                topo.exec(topo.node, [*topo.daemon_args(man, a.proxy_mode, *flags), "--cleanup"], check=False,
+                          timeout=120)
+    finally:
+        shutil.rmtree(mdir, ignore_errors=True)
+    meta["load_after"] = load_avg()
+    report = render(results, a, meta)
+    print(report)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            f.write(report)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"summary": summarize(results), "raw": results, "meta": meta}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
