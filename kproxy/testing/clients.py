@@ -11,6 +11,8 @@ Run inside a namespace with ``python -m kproxy.testing.clients <command> ...``; 
 ``tcp-hold IP PORT --interval S``       one long-lived TCP connection to a line-echo server: prints
                                         ``connected <backend>``, sends a line every S seconds, and on
                                         SIGTERM/SIGINT prints a JSON summary (sent, received, errors, gaps)
+``http-loop IP PORT --interval S``      a new HTTP connection every S seconds until SIGTERM/SIGINT; prints
+                                        ``started``, then a JSON summary (ok, errors, error samples, backends)
 ``sctp-serve --name N --port P``        SCTP one-to-one echo server answering ``<name> <peer-ip>``
 ``sctp-ask IP PORT -n N``               N SCTP associations, one message each → counts per backend
 Dependency-free (stdlib only) so it starts fast under ``ip netns exec``.
@@ -188,6 +190,29 @@ def tcp_hold(ip: str, port: int, interval: float, timeout: float) -> int:
     return 0
 
 
+def http_loop(ip: str, port: int, interval: float, timeout: float) -> int:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    t0 = time.monotonic()
+    out: dict[str, Any] = {"ok": 0, "errors": 0, "samples": [], "backends": {}}
+    backends: collections.Counter[str] = collections.Counter()
+    print("started", flush=True)
+    while not stop.is_set():
+        try:
+            backends[http_get(ip, port, timeout).partition(" ")[0]] += 1
+            out["ok"] += 1
+        except OSError as e:
+            out["errors"] += 1
+            if len(out["samples"]) < 20:
+                out["samples"].append(f"{time.monotonic() - t0:.2f}s {_err_kind(e)}")
+        stop.wait(interval)
+    out["backends"] = dict(backends)
+    out["duration"] = time.monotonic() - t0
+    _emit(out)
+    return 0
+
+
 def sctp_serve(name: str, port: int) -> int:
     srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
     srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -256,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("tcp-hold")
     target(p)
     p.add_argument("--interval", type=float, default=0.2)
+    p = sub.add_parser("http-loop")
+    target(p)
+    p.add_argument("--interval", type=float, default=0.05)
     p = sub.add_parser("sctp-serve")
     p.add_argument("--name", required=True)
     p.add_argument("--port", type=int, required=True)
@@ -274,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         return udp_session(a.ip, a.port, a.timeout)
     elif a.cmd == "tcp-hold":
         return tcp_hold(a.ip, a.port, a.interval, a.timeout)
+    elif a.cmd == "http-loop":
+        return http_loop(a.ip, a.port, a.interval, a.timeout)
     elif a.cmd == "sctp-serve":
         return sctp_serve(a.name, a.port)
     elif a.cmd == "sctp-ask":

@@ -281,6 +281,17 @@ class Scenario:
         self._cleanups.append(lambda: _kill(self.topo, p))
         return p
 
+    def finish_client(self, p: subprocess.Popen[str], timeout: float = 10) -> dict[str, Any]:
+        """SIGTERM a :meth:`spawn_client` process and return the JSON summary it prints on exit."""
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=timeout)
+        with contextlib.suppress(ValueError):
+            self.topo.procs.remove(p)
+        lines = [ln for ln in (out or "").splitlines() if ln.startswith("{")]
+        if not lines:
+            raise AssertionError(f"client exited ({p.returncode}) without a summary: {out!r}")
+        return json.loads(lines[-1])
+
     def eventually(self, fn: Callable[[], T], ok: Callable[[T], bool], timeout: float = 5.0,
                    interval: float = 0.1, what: str = "") -> T:
         """Call ``fn`` until ``ok(result)``; return that result or fail with the last one."""
