@@ -61,19 +61,19 @@ def name_wire(name: str) -> bytes:
     """Uncompressed wire form of an absolute lower-case name; raises BadName."""
     if name == ".":
         return b"\x00"
-    if not name.endswith("."):
-        raise BadName(f"not absolute: {name!r}")
-    out = bytearray()
-    for label in name[:-1].split("."):
-        raw = label.encode("ascii", "strict") if label.isascii() else b""
-        if not raw or len(raw) > 63:
+    if not name.endswith(".") or not name.isascii():
+        raise BadName(f"not an absolute ASCII name: {name!r}")
+    labels = name[:-1].encode("ascii").split(b".")
+    for label in labels:
+        if not 0 < len(label) <= 63:
             raise BadName(f"bad label {label!r} in {name!r}")
-        out.append(len(raw))
-        out += raw
-    out.append(0)
+    out = b"".join([_LEN[len(label)] + label for label in labels]) + b"\x00"
     if len(out) > 255:
         raise BadName(f"name too long: {name!r}")
-    return bytes(out)
+    return out
+
+
+_LEN = [bytes((i,)) for i in range(64)]
 
 
 def reverse_name(ip: str) -> str:

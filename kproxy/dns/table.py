@@ -15,6 +15,7 @@ and a smaller variant without the additional section for when the full one does 
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -109,21 +110,35 @@ class Table:
         return len(offs) >= 3 and qname[offs[2]:] == self.pod_suffix
 
 
-class TableBuilder:
-    """Merges per-source records into RRsets and builds :class:`Table` snapshots incrementally."""
+_H = struct.Struct("!H")
+_RRHDR = struct.Struct("!HHIH")
 
-    def __init__(self, zone: str, ttl: int = 5, ra: bool = False) -> None:
+
+class TableBuilder:
+    """Merges per-source records into RRsets and builds :class:`Table` snapshots incrementally.
+
+    By default a build updates the previous table's dicts in place and returns a new :class:`Table`
+    around them (copying 10,000 Services' worth of answers costs tens of milliseconds per update). That
+    is atomic for the server because builds and queries run on the same event loop thread: no query runs
+    while a build is half done, and the new negative answers (SOA serial) are published by the same swap.
+    ``copy_on_build=True`` gives independent snapshots instead (for multi-threaded readers).
+    """
+
+    def __init__(self, zone: str, ttl: int = 5, ra: bool = False, copy_on_build: bool = False) -> None:
+        self.copy_on_build = copy_on_build
         self.zone = zone
         self.zone_wire = name_wire(zone)
         self.ttl = ttl
         self.ra = ra
         self.contrib: dict[object, list[RR]] = {}
         self.rrsets: dict[tuple[str, int], dict[bytes, int]] = {}  # rdata → refcount, insertion-ordered
+        # a name exists while it has RRsets or existing children (empty non-terminals): count of both
         self.name_refs: dict[str, int] = {}
-        self.refs: dict[str, set[tuple[str, int]]] = {}  # SRV target owner → SRV RRsets naming it
+        self.refs: dict[bytes, set[tuple[str, int]]] = {}  # SRV target wire → SRV RRsets naming it
         self._touched: set[tuple[str, int]] = set()
         self._names_touched: set[str] = set()
         self._wire_cache: dict[str, bytes] = {}
+        self._text_by_wire: dict[bytes, str] = {}
         self.serial = 0
         self.table: Table | None = None
 
@@ -132,23 +147,28 @@ class TableBuilder:
         """Replace everything ``source`` contributes with ``rrs`` (empty: remove the source)."""
         new = list(rrs)
         old = self.contrib.pop(source, [])
-        if old == new:
-            if new:
-                self.contrib[source] = new
-            return
-        for rr in old:
-            self._remove(rr)
-        for rr in new:
-            self._add(rr)
         if new:
             self.contrib[source] = new
+        if old == new:
+            return
+        if old:
+            old_c, new_c = Counter(old), Counter(new)
+            for rr, n in (old_c - new_c).items():
+                for _ in range(n):
+                    self._remove(rr)
+            for rr, n in (new_c - old_c).items():
+                for _ in range(n):
+                    self._add(rr)
+        else:
+            for rr in new:
+                self._add(rr)
 
     def _zone_of(self, owner: str) -> int | None:
         if owner == self.zone or owner.endswith("." + self.zone):
             return ZONE_FORWARD
-        if owner.endswith("." + REVERSE_ZONES[0]):
+        if owner.endswith("." + REVERSE_ZONES[0]) or owner == REVERSE_ZONES[0]:
             return ZONE_V4REV
-        if owner.endswith("." + REVERSE_ZONES[1]):
+        if owner.endswith("." + REVERSE_ZONES[1]) or owner == REVERSE_ZONES[1]:
             return ZONE_V6REV
         return None
 
@@ -160,11 +180,11 @@ class TableBuilder:
         rs = self.rrsets.get(key)
         if rs is None:
             rs = self.rrsets[key] = {}
-            self._ref_names(rr.owner, +1)
+            self._ref_name(rr.owner, +1)
         rs[rr.rdata] = rs.get(rr.rdata, 0) + 1
         self._touched.add(key)
         if rr.rtype == SRV:
-            self.refs.setdefault(_srv_target(rr.rdata), set()).add(key)
+            self.refs.setdefault(rr.rdata[6:], set()).add(key)
 
     def _remove(self, rr: RR) -> None:
         key = (rr.owner, rr.rtype)
@@ -174,41 +194,45 @@ class TableBuilder:
         rs[rr.rdata] -= 1
         if rs[rr.rdata] <= 0:
             del rs[rr.rdata]
+            if rr.rtype == SRV:
+                t = rr.rdata[6:]
+                if not any(rd[6:] == t for rd in rs):
+                    s = self.refs.get(t)
+                    if s is not None:
+                        s.discard(key)
+                        if not s:
+                            del self.refs[t]
         if not rs:
             del self.rrsets[key]
-            self._ref_names(rr.owner, -1)
+            self._ref_name(rr.owner, -1)
         self._touched.add(key)
-        if rr.rtype == SRV and key not in self.rrsets:
-            t = _srv_target(rr.rdata)
-            s = self.refs.get(t)
-            if s is not None:
-                s.discard(key)
-                if not s:
-                    del self.refs[t]
 
-    def _ref_names(self, owner: str, delta: int) -> None:
-        """Count an RRset at owner and its ancestors up to the apex (empty non-terminals exist)."""
-        z = self._zone_of(owner)
+    def _ref_name(self, name: str, delta: int) -> None:
+        """Count an RRset (or an existing child) at name; a name appearing or vanishing counts at its
+        parent, up to the zone apex."""
+        z = self._zone_of(name)
         if z is None:
             return
         apex = self._apex(z)
-        name = owner
+        refs = self.name_refs
         while True:
-            n = self.name_refs.get(name, 0) + delta
-            if n <= 0:
-                self.name_refs.pop(name, None)
+            n = refs.get(name, 0) + delta
+            if n > 0:
+                refs[name] = n
             else:
-                self.name_refs[name] = n
-            if (n <= 0 and delta < 0) or (n == delta and delta > 0):
-                self._names_touched.add(name)
+                refs.pop(name, None)
+            if not ((delta > 0 and n == 1) or (delta < 0 and n <= 0)):
+                return  # existence of name did not change: ancestors unaffected
+            self._names_touched.add(name)
             if name == apex:
-                break
+                return
             name = name.split(".", 1)[1]
 
     def _wire(self, name: str) -> bytes:
         w = self._wire_cache.get(name)
         if w is None:
             w = self._wire_cache[name] = name_wire(name)
+            self._text_by_wire[w] = name
         return w
 
     # ---- building -----------------------------------------------------------------------------------
@@ -220,28 +244,33 @@ class TableBuilder:
         # SRV additional sections name their targets' addresses: re-encode SRVs whose targets changed
         for owner, rtype in list(touched):
             if rtype in (A, AAAA):
-                touched.update(self.refs.get(owner, ()))
-        answers = dict(prev.answers) if prev is not None else {}
-        names = dict(prev.names) if prev is not None else {}
-        cnames = dict(prev.cnames) if prev is not None else {}
+                touched.update(self.refs.get(self._wire(owner), ()))
+        if prev is None:
+            answers: dict[bytes, Entry] = {}
+            names: dict[bytes, int] = {}
+            cnames: dict[bytes, bytes] = {}
+        elif self.copy_on_build:
+            answers, names, cnames = dict(prev.answers), dict(prev.names), dict(prev.cnames)
+        else:  # see the class docstring: in place is atomic when queries and builds share one thread
+            answers, names, cnames = prev.answers, prev.names, prev.cnames
         ttl = self.ttl
+        rrsets = self.rrsets
+        wire = self._wire
         for key in touched:
             owner, rtype = key
-            qkey = self._wire(owner) + struct.pack("!H", rtype)
-            rs = self.rrsets.get(key)
+            ow = wire(owner)
+            rs = rrsets.get(key)
             if rtype == CNAME:
                 if rs:
-                    cnames[self._wire(owner)] = next(iter(rs))
+                    cnames[ow] = next(iter(rs))
                 else:
-                    cnames.pop(self._wire(owner), None)
+                    cnames.pop(ow, None)
             if not rs:
-                answers.pop(qkey, None)
-                continue
-            if rtype == SOA:
-                continue  # rebuilt below with the new serial
-            answers[qkey] = self._positive(rtype, list(rs))
+                answers.pop(ow + _H.pack(rtype), None)
+            elif rtype != SOA:  # the SOA is rebuilt below with the new serial
+                answers[ow + _H.pack(rtype)] = self._positive(rtype, list(rs))
         for name in self._names_touched:
-            w = self._wire(name)
+            w = wire(name)
             if name in self.name_refs:
                 z = self._zone_of(name)
                 if z is not None:
@@ -250,36 +279,39 @@ class TableBuilder:
                 names.pop(w, None)
         # the apex SOA carries the serial; negative answers carry the SOA of their zone
         soa = self.soa_rdata()
-        soas = [_rr_bytes(self._wire(self._apex(z)), SOA, ttl, soa) for z in (ZONE_FORWARD, ZONE_V4REV, ZONE_V6REV)]
-        answers[self.zone_wire + struct.pack("!H", SOA)] = self._positive(SOA, [soa])
-        ns = [self._wire(f"ns.dns.{self.zone}")]
+        soas = [_rr_bytes(wire(self._apex(z)), SOA, ttl, soa) for z in (ZONE_FORWARD, ZONE_V4REV, ZONE_V6REV)]
+        answers[self.zone_wire + _H.pack(SOA)] = self._positive(SOA, [soa])
+        ns = [wire(f"ns.dns.{self.zone}")]
         for apex in REVERSE_ZONES:  # reverse zones with records: their apex SOA/NS, as in the export
-            w = self._wire(apex)
+            w = wire(apex)
             if apex in self.name_refs:
-                answers[w + struct.pack("!H", SOA)] = self._positive(SOA, [soa])
-                answers[w + struct.pack("!H", NS)] = self._positive(NS, ns)
+                answers[w + _H.pack(SOA)] = self._positive(SOA, [soa])
+                answers[w + _H.pack(NS)] = self._positive(NS, ns)
             else:
-                answers.pop(w + struct.pack("!H", SOA), None)
-                answers.pop(w + struct.pack("!H", NS), None)
+                answers.pop(w + _H.pack(SOA), None)
+                answers.pop(w + _H.pack(NS), None)
         nodata = (make_entry(0, [], [soas[0]], [], self.ra), make_entry(0, [], [soas[1]], [], self.ra),
                   make_entry(0, [], [soas[2]], [], self.ra))
         nxdomain = make_entry(RCODE_NXDOMAIN, [], [soas[0]], [], self.ra)
         self._touched = set()
         self._names_touched = set()
         self.table = Table(self.zone, self.zone_wire, answers, names, cnames, nodata, nxdomain, self.serial, ttl,
-                           self.ra, self._wire(f"pod.{self.zone}"))
+                           self.ra, wire(f"pod.{self.zone}"))
         return self.table
 
     def _positive(self, rtype: int, rdatas: list[bytes]) -> Entry:
         ttl = self.ttl
-        hdr = struct.pack("!HHI", rtype, 1, ttl)
-        answer = [b"\xc0\x0c" + hdr + struct.pack("!H", len(rd)) + rd for rd in rdatas]
+        pack = _RRHDR.pack
+        answer = [b"\xc0\x0c" + pack(rtype, 1, ttl, len(rd)) + rd for rd in rdatas]
         additional: list[bytes] = []
         if rtype == SRV:
-            for target in dict.fromkeys(_srv_target(rd) for rd in rdatas):
+            for tw in dict.fromkeys(rd[6:] for rd in rdatas):
+                target = self._text_by_wire.get(tw)
+                if target is None:
+                    continue
                 for t in (A, AAAA):
                     for rd in self.rrsets.get((target, t), ()):
-                        additional.append(_rr_bytes(self._wire(target), t, ttl, rd))
+                        additional.append(tw + pack(t, 1, ttl, len(rd)) + rd)
         return make_entry(0, answer, [], additional, self.ra)
 
     def soa_rdata(self) -> bytes:
@@ -288,16 +320,3 @@ class TableBuilder:
     def rrset_items(self) -> list[tuple[str, int, list[bytes]]]:
         """Every RRset as (owner, rtype, rdatas), for export."""
         return [(o, t, list(rs)) for (o, t), rs in self.rrsets.items()]
-
-
-def _srv_target(rdata: bytes) -> str:
-    """The SRV target of an rdata this module produced (uncompressed, lower-case) as text."""
-    labels = []
-    i = 6
-    while rdata[i]:
-        ln = rdata[i]
-        labels.append(rdata[i + 1:i + 1 + ln].decode("ascii"))
-        i += ln + 1
-    return ".".join(labels) + "." if labels else "."
-
-
