@@ -158,6 +158,7 @@ def test_ipset_names_and_create_lines() -> None:
     names = dict(d.all_set_names())
     assert names["KUBE-CLUSTER-IP"] == 4 and names["KUBE-6-CLUSTER-IP"] == 6
     assert "KUBE-6-NODE-PORT-TCP" not in names  # bitmap:port sets are family-less
+    assert all(len(n) <= 31 for n in names), [n for n in names if len(n) > 31]
     assert ipsets.create_line("KUBE-6-LOOP-BACK", 6).startswith("create KUBE-6-LOOP-BACK hash:ip,port,ip family inet6")
     assert ipsets.create_line("KUBE-NODE-PORT-UDP", 4) == "create KUBE-NODE-PORT-UDP bitmap:port range 0-65535"
     assert ipsets.normalize("1.2.3.4,tcp:80,10.0.0.1/32") == "1.2.3.4,tcp:80,10.0.0.1"

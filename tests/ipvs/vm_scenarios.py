@@ -88,9 +88,18 @@ class Env:
 
     def start(self, *extra: str) -> None:
         env = {"KPROXY_IPVS_GRACE_PERIOD": str(GRACE)}
-        self.daemon = self.t.spawn(self.t.node, self.t.daemon_args(self.manifests, "ipvs", *extra),
-                                   log_name="kproxy.log", env=env)
-        self.t.wait_healthy(timeout=120)
+        self.daemon = d = self.t.spawn(self.t.node, self.t.daemon_args(self.manifests, "ipvs", *extra),
+                                       log_name="kproxy.log", env=env)
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            if d.poll() is not None:
+                raise AssertionError(f"kproxy exited with {d.returncode}:\n{self.log()}")
+            try:
+                self.t.wait_healthy(timeout=3)
+                return
+            except TimeoutError:
+                continue
+        raise AssertionError(f"kproxy did not become healthy:\n{self.log()}")
 
     def stop(self) -> int:
         assert self.daemon is not None

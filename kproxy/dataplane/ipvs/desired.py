@@ -57,8 +57,19 @@ SET_TYPES: dict[str, tuple[str, str]] = {
 def set_name(base: str, family: int) -> str:
     """kube-proxy's naming: IPv6 sets are ``KUBE-6-...``; bitmap:port sets are shared by both families."""
     if family == 6 and not SET_TYPES[base][0].startswith("bitmap"):
-        return "KUBE-6-" + base[len("KUBE-"):]
+        name = "KUBE-6-" + base[len("KUBE-"):]
+        return name if len(name) <= 31 else name.replace("LOAD-BALANCER", "LB")  # ipset's name limit
     return base
+
+
+def base_name(name: str) -> str:
+    """The family-independent name (a key of SET_TYPES) of one of our sets."""
+    if name in SET_TYPES:
+        return name
+    for base in SET_TYPES:
+        if set_name(base, 6) == name:
+            return base
+    raise KeyError(name)
 
 
 def all_set_names() -> list[tuple[str, int]]:

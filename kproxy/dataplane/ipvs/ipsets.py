@@ -13,19 +13,15 @@ import shutil
 import subprocess
 
 from .. import SetupError, SyncError
-from .desired import SET_TYPES, all_set_names
+from .desired import SET_TYPES, all_set_names, base_name
 
 
 def available() -> bool:
     return shutil.which("ipset") is not None
 
 
-def _base(name: str) -> str:
-    return name if name in SET_TYPES else "KUBE-" + name[len("KUBE-6-"):]
-
-
 def create_line(name: str, family: int) -> str:
-    stype, _ = SET_TYPES[_base(name)]
+    stype, _ = SET_TYPES[base_name(name)]
     if stype.startswith("bitmap"):
         return f"create {name} {stype} range 0-65535"
     return f"create {name} {stype} family {'inet6' if family == 6 else 'inet'} hashsize 1024 maxelem 1048576"

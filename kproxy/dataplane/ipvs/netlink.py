@@ -461,3 +461,72 @@ class AddrClient:
             if raw and af in (socket.AF_INET, socket.AF_INET6):
                 out.append((idx, _addr_str(af, raw), plen))
         return out
+
+
+# ---- ipset over nfnetlink (include/uapi/linux/netfilter/ipset/ip_set.h) ------------------------------------
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_IPSET = 6
+IPSET_PROTOCOL = 7
+IPSET_CMD_ADD, IPSET_CMD_DEL = 9, 10
+IPSET_ATTR_PROTOCOL, IPSET_ATTR_SETNAME, IPSET_ATTR_DATA = 1, 2, 7
+IPSET_ATTR_IP, IPSET_ATTR_CIDR, IPSET_ATTR_PORT, IPSET_ATTR_PROTO = 1, 3, 4, 7
+IPSET_ATTR_IP2, IPSET_ATTR_CIDR2 = 20, 21
+IPSET_ATTR_IPADDR_IPV4, IPSET_ATTR_IPADDR_IPV6 = 1, 2
+NLA_F_NET_BYTEORDER = 0x4000
+NFPROTO = {socket.AF_INET: 2, socket.AF_INET6: 10}
+IP_PROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "sctp": 132}
+
+
+def _ipset_ip(atype: int, addr: str) -> bytes:
+    af, raw = _addr_bytes(addr)
+    inner = IPSET_ATTR_IPADDR_IPV6 if af == socket.AF_INET6 else IPSET_ATTR_IPADDR_IPV4
+    return _nest(atype, _nla(inner | NLA_F_NET_BYTEORDER, raw))
+
+
+def ipset_data(stype: str, member: str) -> tuple[int, bytes]:
+    """(address family, IPSET_ATTR_DATA payload) for a member in ``ipset`` syntax of a set of type ``stype``."""
+    parts = member.split(",")
+    attrs: list[bytes] = []
+    af = socket.AF_INET
+    if stype == "bitmap:port":
+        return af, _nest(IPSET_ATTR_DATA, _nla(IPSET_ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack("!H", int(member))))
+    af, _ = _addr_bytes(parts[0])
+    attrs.append(_ipset_ip(IPSET_ATTR_IP, parts[0]))
+    if stype.startswith("hash:ip,port"):
+        proto, _, port = parts[1].partition(":")
+        attrs.append(_nla(IPSET_ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack("!H", int(port))))
+        attrs.append(_nla(IPSET_ATTR_PROTO, struct.pack("=B", IP_PROTO[proto])))
+    if stype == "hash:ip,port,ip":
+        attrs.append(_ipset_ip(IPSET_ATTR_IP2, parts[2]))
+    elif stype == "hash:ip,port,net":
+        net = ipaddress.ip_network(parts[2], strict=False)
+        attrs.append(_ipset_ip(IPSET_ATTR_IP2, str(net.network_address)))
+        attrs.append(_nla(IPSET_ATTR_CIDR2, struct.pack("=B", net.prefixlen)))
+    return af, _nest(IPSET_ATTR_DATA, *attrs)
+
+
+class IPSetClient:
+    """Batched ipset member adds/deletes (idempotent, like ``ipset -exist``: no NLM_F_EXCL)."""
+
+    def __init__(self) -> None:
+        self.nl = NetlinkSocket(NETLINK_NETFILTER)
+
+    def close(self) -> None:
+        self.nl.close()
+
+    def _queue(self, cmd: int, name: str, stype: str, member: str) -> None:
+        af, data = ipset_data(stype, member)
+        payload = (struct.pack("=BBH", NFPROTO[af], 0, 0) + _nla(IPSET_ATTR_PROTOCOL, struct.pack("=B", IPSET_PROTOCOL))
+                   + _nla(IPSET_ATTR_SETNAME, name.encode() + b"\0") + data)
+        verb = "add" if cmd == IPSET_CMD_ADD else "del"
+        self.nl.queue((NFNL_SUBSYS_IPSET << 8) | cmd, 0, payload, f"ipset {verb} {name} {member}")
+
+    def add(self, name: str, stype: str, member: str) -> None:
+        self._queue(IPSET_CMD_ADD, name, stype, member)
+
+    def delete(self, name: str, stype: str, member: str) -> None:
+        self._queue(IPSET_CMD_DEL, name, stype, member)
+
+    def commit(self) -> list[NetlinkError]:
+        return self.nl.commit()

@@ -45,6 +45,7 @@ from .netlink import (
     FWD_MASQ,
     SVC_F_PERSISTENT,
     AddrClient,
+    IPSetClient,
     IPVSClient,
     KernelDest,
     KernelService,
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 DUMMY = "kube-ipvs0"
 DEFAULT_GRACE_PERIOD = 600.0
 REAP_INTERVAL = 2.0
+RULES_RECHECK = 60.0
 # kube-proxy's IPVS sysctls (per network namespace): NAT with netfilter conntrack (needed for MASQUERADE),
 # drop connection entries whose real server is gone, and expire persistence templates of weight-0 servers.
 SYSCTLS = {
@@ -100,6 +102,9 @@ class IpvsDataPlane:
         self.excluded = [ipaddress.ip_network(c, strict=False) for c in config.ipvs_exclude_cidrs]
         self._ipvs: IPVSClient | None = None
         self._addr: AddrClient | None = None
+        self._ipset: IPSetClient | None = None
+        self._rules_at = float("-inf")
+        self._set_type = {name: d.SET_TYPES[d.base_name(name)][0] for name, _ in d.all_set_names()}
         self._ifindex = 0
         self._backends: list[ipt.Backend] = []
         self._lock = threading.RLock()
@@ -127,6 +132,7 @@ class IpvsDataPlane:
             raise SetupError(f"IPVS is not available in this kernel ({e}); load the ip_vs module or use "
                              f"--proxy-mode iptables") from None
         self._addr = AddrClient()
+        self._ipset = IPSetClient()
         self._ensure_dummy()
         for path, value in SYSCTLS.items():
             _write_sysctl(path, value)
@@ -167,6 +173,7 @@ class IpvsDataPlane:
                 raise SetupError(f"cannot set IPVS timeouts: {e}") from None
 
     def _apply_rules(self) -> int:
+        self._rules_at = time.monotonic()
         n = 0
         for b in self._backends:
             text = rules.render(b.family, self.mark, self.config.cluster_cidrs, self.config.masquerade_all)
@@ -212,7 +219,8 @@ class IpvsDataPlane:
         local, vips = [], set()
         for idx, addr, _plen in self._addr.dump():
             if idx == self._ifindex:
-                vips.add(addr)
+                if not addr.startswith("fe80:"):  # the dummy's own IPv6 link-local address is not a VIP
+                    vips.add(addr)
             else:
                 local.append(addr)
         return d.node_port_addresses(local, self.config.nodeport_addresses), vips
@@ -221,7 +229,8 @@ class IpvsDataPlane:
         assert self._ipvs is not None and self._addr is not None
         t0 = time.perf_counter()
         self._ensure_dummy()
-        n_rules = self._apply_rules()
+        # the fixed rules are rewritten at most once a minute (iptables execs are the slow part of a sync)
+        n_rules = self._apply_rules() if time.monotonic() - self._rules_at > RULES_RECHECK else 0
         node_ips, kernel_vips = self._read_node_ips()
         old_graveyard = self._graveyard
         self._reset_mirror()
@@ -244,29 +253,33 @@ class IpvsDataPlane:
         want_members: dict[str, set[str]] = {}
         for (name, member), _n in self._member_refs.items():
             want_members.setdefault(name, set()).add(ipsets.normalize(member))
-        lines = []
         missing_sets = {n for n, _ in d.all_set_names()} - set(members)
         if missing_sets:
             fam = dict(d.all_set_names())
-            lines += [ipsets.create_line(n, fam[n]) for n in sorted(missing_sets)]
+            ipsets.run_restore([ipsets.create_line(n, fam[n]) for n in sorted(missing_sets)])
+        n_members = 0
         for name, want in want_members.items():
-            lines += [f"add {name} {m}" for m in sorted(want - members.get(name, set()))]
+            for m in sorted(want - members.get(name, set())):
+                self._ipset_op(True, name, m)
+                n_members += 1
         n_vs = 0
         for key in set(self._kernel) | set(self._owner):
             n_vs += self._diff_vs(key)
         for vip in set(self._vip_refs) - kernel_vips:
             self._addr.add(vip, self._ifindex)
-        for name, have in members.items():
-            lines += [f"del {name} {m}" for m in sorted(have - want_members.get(name, set()))]
+        self._commit()
         for vip in kernel_vips - set(self._vip_refs):
             self._addr.delete(vip, self._ifindex)
-        ipsets.run_restore(lines)
+        for name, have in members.items():
+            for m in sorted(have - want_members.get(name, set())):
+                self._ipset_op(False, name, m)
+                n_members += 1
         self._commit()
         t_apply = time.perf_counter()
         self._synced = True
-        return SyncResult(full=True, services=len(self._ports), rules=n_vs + len(lines) + n_rules,
+        return SyncResult(full=True, services=len(self._ports), rules=n_vs + n_members + n_rules,
                           render_seconds=t_render - t0, apply_seconds=t_apply - t_render,
-                          extra={"kernel_read_seconds": t_read - t_render, "ipset_lines": float(len(lines)),
+                          extra={"kernel_read_seconds": t_read - t_render, "ipset_members": float(n_members),
                                  "virtual_servers": float(len(self._kernel)),
                                  "iptables_rules": float(n_rules)})
 
@@ -299,8 +312,8 @@ class IpvsDataPlane:
                 for v in new.vips:
                     vip_delta[v] += 1
         t_render = time.perf_counter()
-        lines: list[str] = []
-        dels: list[str] = []
+        adds: list[tuple[str, str]] = []
+        dels: list[tuple[str, str]] = []
         for m, delta in member_delta.items():
             if not delta:
                 continue
@@ -311,9 +324,9 @@ class IpvsDataPlane:
             else:
                 self._member_refs.pop(m, None)
             if before <= 0 < after:
-                lines.append(f"add {m[0]} {ipsets.normalize(m[1])}")
+                adds.append(m)
             elif after <= 0 < before:
-                dels.append(f"del {m[0]} {ipsets.normalize(m[1])}")
+                dels.append(m)
         vips_add, vips_del = [], []
         for v, delta in vip_delta.items():
             if not delta:
@@ -328,18 +341,29 @@ class IpvsDataPlane:
                 vips_add.append(v)
             elif after <= 0 < before:
                 vips_del.append(v)
-        ipsets.run_restore(lines)
+        for name, member in adds:
+            self._ipset_op(True, name, member)
         n_vs = sum(self._diff_vs(key) for key in touched_keys)
         for v in vips_add:
             self._addr.add(v, self._ifindex)
+        self._commit()
         for v in vips_del:
             self._addr.delete(v, self._ifindex)
+        for name, member in dels:
+            self._ipset_op(False, name, member)
         self._commit()
-        ipsets.run_restore(dels)
         t_apply = time.perf_counter()
-        return SyncResult(full=False, services=len(spns), rules=n_vs + len(lines) + len(dels),
+        return SyncResult(full=False, services=len(spns), rules=n_vs + len(adds) + len(dels),
                           render_seconds=t_render - t0, apply_seconds=t_apply - t_render,
-                          extra={"ipset_lines": float(len(lines) + len(dels))})
+                          extra={"ipset_members": float(len(adds) + len(dels))})
+
+    def _ipset_op(self, add: bool, name: str, member: str) -> None:
+        assert self._ipset is not None
+        m = ipsets.normalize(member)
+        if add:
+            self._ipset.add(name, self._set_type[name], m)
+        else:
+            self._ipset.delete(name, self._set_type[name], m)
 
     def _add_port(self, spn: ServicePortName, st: d.PortState) -> None:
         self._ports[spn] = st
@@ -411,7 +435,9 @@ class IpvsDataPlane:
 
     def _commit(self) -> None:
         assert self._ipvs is not None and self._addr is not None
-        errors: list[NetlinkError] = self._ipvs.commit() + self._addr.commit()
+        assert self._ipset is not None
+        # ipset members first: the rules that match them must be in place before traffic reaches a new VIP
+        errors: list[NetlinkError] = self._ipset.commit() + self._ipvs.commit() + self._addr.commit()
         if errors:
             more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
             raise SyncError("; ".join(str(e) for e in errors[:3]) + more)
@@ -468,10 +494,10 @@ class IpvsDataPlane:
         if self._reaper is not None:
             self._reaper.join(5)
             self._reaper = None
-        for c in (self._ipvs, self._addr):
+        for c in (self._ipvs, self._addr, self._ipset):
             if c is not None:
                 c.close()
-        self._ipvs = self._addr = None
+        self._ipvs = self._addr = self._ipset = None
 
     # ---- cleanup and status --------------------------------------------------------------------------
     def cleanup(self) -> bool:
