@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import secrets
 import shutil
 import statistics
@@ -59,7 +60,8 @@ def pct(xs: list[float], p: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def run_plugin(path: str, command: str, cid: str, netns: str, cni_path: str, stdin: bytes) -> float:
+def run_plugin(path: str, command: str, cid: str, netns: str, cni_path: str, stdin: bytes) -> tuple[float, float]:
+    """Exec one plugin call; returns (wall ms, CPU ms of the plugin and every process it waited for)."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
         "CNI_COMMAND": command,
@@ -68,18 +70,49 @@ def run_plugin(path: str, command: str, cid: str, netns: str, cni_path: str, std
         "CNI_IFNAME": "eth0",
         "CNI_PATH": cni_path,
     }
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run([path], input=stdin, env=env, capture_output=True)
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         raise RuntimeError(f"{path} {command} {cid} failed: {p.stdout.decode()} {p.stderr.decode()}")
-    return dt * 1000.0
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return dt * 1000.0, cpu * 1000.0
+
+
+def cpu_of(argv: list[str], n: int = 20, env: dict | None = None) -> float:
+    """Median-free but load-robust: average CPU ms (user+sys) of ``argv`` over ``n`` runs."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for _ in range(n):
+        subprocess.run(argv, capture_output=True, env=env)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)) * 1000.0 / n
+
+
+def breakdown(bindir: str) -> list[tuple[str, float]]:
+    """Where kproxy's CPU goes: interpreter start, plugin imports, pyroute2's message classes."""
+    lib = os.path.join(bindir, "kproxy-cni.d")
+    py = ["/usr/bin/python3", "-SE", "-c"]
+    pre = f"import sys; sys.path.insert(0, {lib!r}); "
+    return [
+        ("`python3 -SE -c pass`", cpu_of([*py, "pass"])),
+        ("same, importing cni.host_local + ipaddress", cpu_of([*py, pre + "import cni.host_local, ipaddress"])),
+        ("same, importing cni.bridge", cpu_of([*py, pre + "import cni.bridge"])),
+        (
+            "same, cni.bridge + pyroute2 rtnl messages",
+            cpu_of([*py, pre + "import cni.bridge, cni._nl; cni._nl._load()"]),
+        ),
+        ("`iptables -t nat -S POSTROUTING`", cpu_of(["iptables", "-w", "-t", "nat", "-S", "POSTROUTING"])),
+    ]
 
 
 def inner(a: argparse.Namespace) -> dict:
     """Runs inside the node netns: time every ADD and DEL."""
     cfg = json.loads(a.inner)
-    results: dict[str, dict[str, list[float]]] = {k: {"ADD": [], "DEL": []} for k in ("reference", "kproxy")}
+    results: dict[str, dict[str, list[float]]] = {
+        k: {"ADD": [], "DEL": [], "ADD_cpu": [], "DEL_cpu": []} for k in ("reference", "kproxy")
+    }
     kinds = {
         "reference": (os.path.join(REF_DIR, "bridge"), REF_DIR),
         "kproxy": (os.path.join(cfg["bin"], "kproxy-bridge"), cfg["bin"]),
@@ -98,7 +131,10 @@ def inner(a: argparse.Namespace) -> dict:
                 path, cpath = kinds[kind]
                 stdin = json.dumps(cfg["confs"][kind]).encode()
                 ns = cfg["pods"][kind][i]
-                results[kind][command].append(run_plugin(path, command, f"{kind}-{i}", ns, cpath, stdin))
+                wall, cpu = run_plugin(path, command, f"{kind}-{i}", ns, cpath, stdin)
+                results[kind][command].append(wall)
+                results[kind][command + "_cpu"].append(cpu)
+    results["breakdown"] = breakdown(cfg["bin"])  # type: ignore[assignment]
     return results
 
 
@@ -159,8 +195,11 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     rows = []
+    cpu_rows = []
     summary: dict[str, dict[str, float]] = {}
     for kind in ("reference", "kproxy"):
+        add_cpu, del_cpu = statistics.median(res[kind]["ADD_cpu"]), statistics.median(res[kind]["DEL_cpu"])
+        cpu_rows.append(f"| {kind} | {add_cpu:.1f} | {del_cpu:.1f} |")
         add, dele = res[kind]["ADD"], res[kind]["DEL"]
         both = [x + y for x, y in zip(add, dele, strict=True)]
         summary[kind] = {"add": statistics.median(add), "del": statistics.median(dele), "both": statistics.median(both)}
@@ -189,6 +228,19 @@ def main() -> int:
             *rows,
             "",
             f"kproxy ADD+DEL median / reference = **{ratio:.2f}x** (target <= 2x: {verdict}).",
+            "",
+            "CPU time per call (user+sys of the plugin and everything it ran: IPAM plugin, iptables), median ms. "
+            "Wall-clock ratios grow with this when the machine is busy:",
+            "",
+            "| plugins | ADD CPU | DEL CPU |",
+            "|---|---|---|",
+            *cpu_rows,
+            "",
+            "Where kproxy's CPU goes (average CPU ms of a whole process, 20 runs each):",
+            "",
+            "| process | CPU ms |",
+            "|---|---|",
+            *[f"| {what} | {ms:.1f} |" for what, ms in res["breakdown"]],
             "",
         ]
     )
