@@ -1,6 +1,6 @@
 /* kproxy eBPF load balancer, compiled at runtime by bcc (see kproxy/dataplane/ebpf/loader.py).
  *
- * Two data paths share one set of pinned maps:
+ * Two data paths share one set of maps, pinned in bpffs by the loader:
  *
  *  - Socket-level LB (cgroup v2 sock_addr hooks): connect4/6 and sendmsg4/6 rewrite a Service VIP:port
  *    to a backend before the kernel routes anything, so in-cluster traffic needs no per-packet NAT;
@@ -158,16 +158,17 @@ struct meta_val {
     char name[256];
 };
 
-BPF_TABLE_PINNED7("hash", struct svc_key, struct svc_val, kp_svc, 131072, "@PIN@/kp_svc", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED7("hash", struct be_key, struct be_val, kp_be, 524288, "@PIN@/kp_be", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED7("hash", struct member_key, struct be_val, kp_member, 524288, "@PIN@/kp_member",
-                  BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("lru_hash", struct aff_key, struct aff_val, kp_aff, 65536, "@PIN@/kp_aff");
-BPF_TABLE_PINNED("lru_hash", struct revsk_key, struct revsk_val, kp_revsk, 65536, "@PIN@/kp_revsk");
-BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, kp_ct_fwd, 65536, "@PIN@/kp_ct_fwd");
-BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, kp_ct_rev, 65536, "@PIN@/kp_ct_rev");
-BPF_TABLE_PINNED7("hash", struct addr_key, __u32, kp_nodeaddr, 1024, "@PIN@/kp_nodeaddr", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED7("hash", __u32, struct meta_val, kp_meta, 131072, "@PIN@/kp_meta", BPF_F_NO_PREALLOC);
+/* Map definitions for the compiler only: the loader (objfile.py) creates and pins the real maps with the
+ * same layout (MAP_SPECS there) and patches their fds into the bytecode. */
+BPF_F_TABLE("hash", struct svc_key, struct svc_val, kp_svc, 131072, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct be_key, struct be_val, kp_be, 524288, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct member_key, struct be_val, kp_member, 524288, BPF_F_NO_PREALLOC);
+BPF_TABLE("lru_hash", struct aff_key, struct aff_val, kp_aff, 65536);
+BPF_TABLE("lru_hash", struct revsk_key, struct revsk_val, kp_revsk, 65536);
+BPF_TABLE("lru_hash", struct ct_key, struct ct_val, kp_ct_fwd, 65536);
+BPF_TABLE("lru_hash", struct ct_key, struct ct_val, kp_ct_rev, 65536);
+BPF_F_TABLE("hash", struct addr_key, __u32, kp_nodeaddr, 1024, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", __u32, struct meta_val, kp_meta, 131072, BPF_F_NO_PREALLOC);
 
 /* ---- backend selection ------------------------------------------------------------------------ */
 

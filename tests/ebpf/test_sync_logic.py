@@ -17,6 +17,12 @@ class FakeMap(dict):
     def delete(self, k: bytes) -> bool:
         return self.pop(k, None) is not None
 
+    def put_many(self, items: dict) -> None:
+        self.update(items)
+
+    def delete_many(self, keys: list) -> int:
+        return sum(self.delete(k) for k in keys)
+
     def keys(self):  # a snapshot, like the real Map
         return iter(list(super().keys()))
 

@@ -29,6 +29,9 @@ PROG_GET_FD_BY_ID = 13
 MAP_GET_FD_BY_ID = 14
 OBJ_GET_INFO_BY_FD = 15
 PROG_QUERY = 16
+MAP_LOOKUP_BATCH = 24
+MAP_UPDATE_BATCH = 26
+MAP_DELETE_BATCH = 27
 
 BPF_ANY = 0
 BPF_F_ALLOW_MULTI = 2
@@ -46,6 +49,10 @@ CGROUP_INET6_GETPEERNAME = 30
 
 BPF_FS_MAGIC = 0xCAFE4A11
 CGROUP2_SUPER_MAGIC = 0x63677270
+
+
+ENOTSUPP = 524  # kernel-internal "operation not supported" (no Python errno name)
+_UNSUPPORTED = (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 class BpfError(OSError):
@@ -140,6 +147,14 @@ class Map:
 
     def keys(self) -> Iterator[bytes]:
         """All keys (a snapshot: collected before yielding, so callers may delete while iterating)."""
+        try:
+            return iter([k for k, _ in self._items_batch()])
+        except BpfError as e:
+            if e.errno not in _UNSUPPORTED:
+                raise
+        return self._keys_one_by_one()
+
+    def _keys_one_by_one(self) -> Iterator[bytes]:
         out = []
         cur: ctypes.Array[ctypes.c_char] | None = None
         nxt = ctypes.create_string_buffer(self.key_size)
@@ -160,10 +175,95 @@ class Map:
         return self.keys()
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
-        for k in self.keys():
+        """All entries (a snapshot), read with BPF_MAP_LOOKUP_BATCH where the kernel has it."""
+        try:
+            return iter(self._items_batch())
+        except BpfError as e:
+            if e.errno not in _UNSUPPORTED:
+                raise
+        out = []
+        for k in self._keys_one_by_one():
             v = self.get(k)
             if v is not None:
-                yield k, v
+                out.append((k, v))
+        return iter(out)
+
+    def _items_batch(self, chunk: int = 4096) -> list[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
+        tok_in = ctypes.create_string_buffer(8)
+        tok_out = ctypes.create_string_buffer(8)
+        first = True
+        while True:
+            keys = ctypes.create_string_buffer(self.key_size * chunk)
+            vals = ctypes.create_string_buffer(self.value_size * chunk)
+            a = _attr()
+            struct.pack_into("=QQQQIIQQ", a, 0, 0 if first else ctypes.addressof(tok_in), ctypes.addressof(tok_out),
+                             ctypes.addressof(keys), ctypes.addressof(vals), chunk, self.fd, 0, 0)
+            done = False
+            try:
+                _sys(MAP_LOOKUP_BATCH, a)
+            except BpfError as e:
+                if e.errno == errno.ENOSPC:  # one bucket holds more than chunk entries
+                    chunk *= 4
+                    continue
+                if e.errno != errno.ENOENT:
+                    raise
+                done = True
+            n = struct.unpack_from("=I", a, 32)[0]
+            kr, vr = keys.raw, vals.raw
+            for i in range(n):
+                out.append((kr[i * self.key_size:(i + 1) * self.key_size],
+                            vr[i * self.value_size:(i + 1) * self.value_size]))
+            if done:
+                return out
+            ctypes.memmove(tok_in, tok_out, 8)
+            first = False
+
+    def put_many(self, items: dict[bytes, bytes]) -> None:
+        """Update many entries with BPF_MAP_UPDATE_BATCH (element by element where unsupported)."""
+        if not items:
+            return
+        ks = list(items)
+        keys = ctypes.create_string_buffer(b"".join(ks), self.key_size * len(ks))
+        vals = ctypes.create_string_buffer(b"".join(items[k] for k in ks), self.value_size * len(ks))
+        a = _attr()
+        struct.pack_into("=QQQQIIQQ", a, 0, 0, 0, ctypes.addressof(keys), ctypes.addressof(vals), len(ks), self.fd,
+                         BPF_ANY, 0)
+        try:
+            _sys(MAP_UPDATE_BATCH, a)
+            return
+        except BpfError as e:
+            if e.errno not in _UNSUPPORTED:
+                raise
+            done = struct.unpack_from("=I", a, 32)[0]
+        for k in ks[done:]:
+            self.put(k, items[k])
+
+    def delete_many(self, keys: list[bytes]) -> int:
+        """Delete many keys (missing ones are skipped); returns how many were deleted."""
+        deleted = 0
+        pos = 0
+        while pos < len(keys):
+            rest = keys[pos:]
+            buf = ctypes.create_string_buffer(b"".join(rest), self.key_size * len(rest))
+            a = _attr()
+            struct.pack_into("=QQQQIIQQ", a, 0, 0, 0, ctypes.addressof(buf), 0, len(rest), self.fd, 0, 0)
+            try:
+                _sys(MAP_DELETE_BATCH, a)
+                return deleted + len(rest)
+            except BpfError as e:
+                n = struct.unpack_from("=I", a, 32)[0]
+                if e.errno == errno.ENOENT:  # rest[n] is missing: skip it
+                    deleted += n
+                    pos += n + 1
+                    continue
+                if e.errno not in _UNSUPPORTED:
+                    raise
+                deleted += n
+                for k in rest[n:]:
+                    deleted += self.delete(k)
+                return deleted
+        return deleted
 
     def __enter__(self) -> Map:
         return self

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...config import ProxyConfig
 from ...snapshot import Changes, ProxySnapshot, ServicePortName
@@ -29,6 +29,48 @@ from . import maps as m
 from .render import Backend, Desired, group_of, render
 
 log = logging.getLogger(__name__)
+
+
+def fe_flags(svc_value: bytes) -> int:
+    return m.parse_svc_val(svc_value)[4]
+
+
+class Staged:
+    """Map writes collected per map and flushed with batch syscalls (deletes first, then updates)."""
+
+    def __init__(self, maps: m.LBMaps) -> None:
+        self.maps = maps
+        self.puts: dict[str, dict[bytes, bytes]] = {}
+        self.dels: dict[str, list[bytes]] = {}
+
+    def put(self, name: str, key: bytes, value: bytes) -> None:
+        self.puts.setdefault(name, {})[key] = value
+
+    def delete(self, name: str, key: bytes) -> None:
+        self.dels.setdefault(name, []).append(key)
+
+    def flush(self) -> None:
+        dels, puts = self.dels, self.puts
+        self.dels, self.puts = {}, {}
+        for name, keys in dels.items():
+            getattr(self.maps, name).delete_many(keys)
+        for name, items in puts.items():
+            getattr(self.maps, name).put_many(items)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """One group's (service port's) change in flight through the three phases."""
+
+    group: str
+    d: Desired
+    old_names: set[str]
+    sets: list[tuple[str, SetState, SetState | None]] = field(default_factory=list)
+    new_affs: set[int] = field(default_factory=set)
+    new_members: list[bytes] = field(default_factory=list)
+    want: dict[bytes, bytes] = field(default_factory=dict)
+    svc_done: list[tuple[bytes, bytes | None]] = field(default_factory=list)
+    writes: int = 0
 
 
 @dataclass(slots=True)
@@ -185,11 +227,7 @@ class EbpfDataPlane:
                     desired[group] = render(sp, snapshot.endpoints.get(spn, ()), zone)
             t1 = time.monotonic()
             res.render_seconds = t1 - t0
-            for group, d in desired.items():
-                written = self._apply_group(group, d)
-                if written:
-                    res.services += 1
-                    res.rules += written
+            self._apply(desired, res)
             if full:
                 res.rules += self._gc()
             self._sync_node_addrs()
@@ -203,15 +241,14 @@ class EbpfDataPlane:
             raise SyncError(f"ebpf mode: {e}") from None
         return res
 
-    def _alloc_aff(self, name: str) -> int:
+    def _alloc_aff(self, name: str, st: Staged) -> int:
         # ids are small and dense; a linear probe from the last allocation is cheap enough
         aff_id = self._aff_hint
         while aff_id in self.used_aff or aff_id == m.META_ATTACHMENTS:
             aff_id = aff_id + 1 if aff_id < 0xFFFFFFFF else 1
         self._aff_hint = aff_id + 1
         self.used_aff.add(aff_id)
-        assert self.maps is not None
-        self.maps.meta.put(m.meta_key(aff_id), m.meta_val(name))
+        st.put("meta", m.meta_key(aff_id), m.meta_val(name))
         return aff_id
 
     def _alloc_set_id(self) -> int:
@@ -219,74 +256,94 @@ class EbpfDataPlane:
         self.next_set_id = sid + 1 if sid < 0xFFFFFFFF else 1
         return sid
 
-    def _apply_group(self, group: str, d: Desired) -> int:
-        """Make one service port's sets and frontends match ``d``; return the number of map writes."""
+    def _apply(self, desired: dict[str, Desired], res: SyncResult) -> None:
+        """Apply every group's change in three batched phases (see the module docstring)."""
         assert self.maps is not None
-        mp = self.maps
-        writes = 0
-        old_names = self.group_sets.get(group, set())
-        plan: list[tuple[str, SetState, SetState | None]] = []
-        new_affs: set[int] = set()
-        new_members: list[bytes] = []
+        st = Staged(self.maps)
+        plans = [self._stage_sets(group, d, st) for group, d in desired.items()]
         try:
-            # phase 1: new backend slots under fresh set ids (invisible until a frontend points there)
-            for name, backends in d.sets.items():
-                cur = self.sets.get(name)
-                if cur is not None and cur.backends == backends:
-                    continue
-                if cur is not None:
-                    aff_id = cur.aff_id
-                else:
-                    aff_id = self._alloc_aff(name)
-                    new_affs.add(aff_id)
-                st = SetState(aff_id, self._alloc_set_id(), backends)
-                plan.append((name, st, cur))
-                for slot, b in enumerate(backends):
-                    mp.be.put(m.be_key(st.set_id, slot), m.be_val(b.ip, b.port, b.local))
-                    writes += 1
-                old = set(cur.backends or ()) if cur is not None else set()
-                for b in backends:
-                    if b not in old:
-                        k = m.member_key(aff_id, b.ip, b.port)
-                        mp.member.put(k, m.be_val(b.ip, b.port, b.local))
-                        new_members.append(k)
-                        writes += 1
+            st.flush()  # phase 1: new slots, members and names (nothing points at them yet)
         except bpfsys.BpfError:
-            self._rollback_sets(plan, new_affs, new_members)
+            self._rollback_sets(plans)
             raise
-        sets_after = {n: self.sets[n] for n in old_names if n in d.sets and n in self.sets}
-        sets_after.update({n: st for n, st, _ in plan})
-        want: dict[bytes, bytes] = {}
-        for fe in d.frontends:
-            st = sets_after[fe.set_name]
-            want[fe.key] = m.svc_val(st.set_id, len(st.backends or ()), st.aff_id, d.affinity_timeout, fe.flags)
-        # phase 2: switch frontends, one atomic element update each
-        done: list[tuple[bytes, bytes | None]] = []
+        for p in plans:
+            self._stage_frontends(p, st)
         try:
-            for key, val in want.items():
-                old_val = self.frontends.get(key)
-                if old_val == val:
-                    continue
-                owner = self.fe_group.get(key)
-                if owner is not None and owner != group and owner:
-                    log.warning("ebpf: %s takes over frontend %s from %s", group, m.parse_svc_key(key), owner)
-                mp.svc.put(key, val)
-                self.need_snat |= bool(m.parse_svc_val(val)[4] & m.F_SNAT)
-                done.append((key, old_val))
-                writes += 1
-            for key in self.groups.get(group, set()) - want.keys():
-                if self.fe_group.get(key) != group:
-                    continue
-                mp.svc.delete(key)
-                done.append((key, self.frontends.get(key)))
-                writes += 1
+            st.flush()  # phase 2: switch frontends (each element update is atomic)
         except bpfsys.BpfError:
-            for key, old_val in reversed(done):
-                with contextlib.suppress(bpfsys.BpfError):
-                    mp.svc.put(key, old_val) if old_val is not None else mp.svc.delete(key)
-            self._rollback_sets(plan, new_affs, new_members)
+            restore = Staged(self.maps)
+            for p in plans:
+                for key, old_val in p.svc_done:
+                    if old_val is None:
+                        restore.delete("svc", key)
+                    else:
+                        restore.put("svc", key, old_val)
+            with contextlib.suppress(bpfsys.BpfError):
+                restore.flush()
+            self._rollback_sets(plans)
             raise
-        # commit the mirror
+        for p in plans:
+            self._commit(p, st)
+            if p.writes:
+                res.services += 1
+                res.rules += p.writes
+        try:
+            st.flush()  # phase 3: garbage; a failure only leaves unreferenced entries for the next full sync
+        except bpfsys.BpfError as e:
+            log.warning("ebpf: removing old entries failed (the next full sync retries): %s", e)
+
+    def _stage_sets(self, group: str, d: Desired, st: Staged) -> _Plan:
+        p = _Plan(group, d, set(self.group_sets.get(group, set())))
+        for name, backends in d.sets.items():
+            cur = self.sets.get(name)
+            if cur is not None and cur.backends == backends:
+                continue
+            if cur is not None:
+                aff_id = cur.aff_id
+            else:
+                aff_id = self._alloc_aff(name, st)
+                p.new_affs.add(aff_id)
+            new = SetState(aff_id, self._alloc_set_id(), backends)
+            p.sets.append((name, new, cur))
+            for slot, b in enumerate(backends):
+                st.put("be", m.be_key(new.set_id, slot), m.be_val(b.ip, b.port, b.local))
+                p.writes += 1
+            old = set(cur.backends or ()) if cur is not None else set()
+            for b in backends:
+                if b not in old:
+                    k = m.member_key(aff_id, b.ip, b.port)
+                    st.put("member", k, m.be_val(b.ip, b.port, b.local))
+                    p.new_members.append(k)
+                    p.writes += 1
+        return p
+
+    def _stage_frontends(self, p: _Plan, st: Staged) -> None:
+        sets_after = {n: self.sets[n] for n in p.old_names if n in p.d.sets and n in self.sets}
+        sets_after.update({n: s for n, s, _ in p.sets})
+        for fe in p.d.frontends:
+            s = sets_after[fe.set_name]
+            p.want[fe.key] = m.svc_val(s.set_id, len(s.backends or ()), s.aff_id, p.d.affinity_timeout, fe.flags)
+        for key, val in p.want.items():
+            old_val = self.frontends.get(key)
+            if old_val == val:
+                continue
+            owner = self.fe_group.get(key)
+            if owner and owner != p.group:
+                log.warning("ebpf: %s takes over frontend %s from %s", p.group, m.parse_svc_key(key), owner)
+            st.put("svc", key, val)
+            self.need_snat |= bool(fe_flags(val) & m.F_SNAT)
+            p.svc_done.append((key, old_val))
+            p.writes += 1
+        for key in self.groups.get(p.group, set()) - p.want.keys():
+            if self.fe_group.get(key) != p.group:
+                continue
+            st.delete("svc", key)
+            p.svc_done.append((key, self.frontends.get(key)))
+            p.writes += 1
+
+    def _commit(self, p: _Plan, st: Staged) -> None:
+        """Update the mirror after phase 2 and stage phase 3 (old slots, members, names)."""
+        group, want = p.group, p.want
         for key in self.groups.get(group, set()) - want.keys():
             if self.fe_group.get(key) == group:
                 self.frontends.pop(key, None)
@@ -301,82 +358,76 @@ class EbpfDataPlane:
             self.groups[group] = set(want)
         else:
             self.groups.pop(group, None)
-        for name, st, _ in plan:
-            self.sets[name] = st
-        removed = old_names - d.sets.keys()
-        if d.sets:
-            self.group_sets[group] = set(d.sets)
+        for name, new, _ in p.sets:
+            self.sets[name] = new
+        if p.d.sets:
+            self.group_sets[group] = set(p.d.sets)
         else:
             self.group_sets.pop(group, None)
-        # phase 3: garbage (failures only leave unreferenced entries that the next full sync removes)
-        try:
-            for _, st, cur in plan:
-                if cur is None:
-                    continue
-                for slot in range(len(cur.backends or ())):
-                    mp.be.delete(m.be_key(cur.set_id, slot))
-                for b in set(cur.backends or ()) - set(st.backends or ()):
-                    if not any(x.ip == b.ip and x.port == b.port for x in st.backends or ()):
-                        mp.member.delete(m.member_key(cur.aff_id, b.ip, b.port))
-            for name in removed:
-                gone = self.sets.pop(name, None)
-                if gone is None:
-                    continue
-                for slot in range(len(gone.backends or ())):
-                    mp.be.delete(m.be_key(gone.set_id, slot))
-                for b in gone.backends or ():
-                    mp.member.delete(m.member_key(gone.aff_id, b.ip, b.port))
-                mp.meta.delete(m.meta_key(gone.aff_id))
-                self.used_aff.discard(gone.aff_id)
-        except bpfsys.BpfError as e:
-            log.warning("ebpf: removing old entries of %s failed (next full sync retries): %s", group, e)
-        return writes
+        for _, new, cur in p.sets:
+            if cur is None:
+                continue
+            for slot in range(len(cur.backends or ())):
+                st.delete("be", m.be_key(cur.set_id, slot))
+            kept = {(b.ip, b.port) for b in new.backends or ()}
+            for b in cur.backends or ():
+                if (b.ip, b.port) not in kept:
+                    st.delete("member", m.member_key(cur.aff_id, b.ip, b.port))
+        for name in p.old_names - p.d.sets.keys():
+            gone = self.sets.pop(name, None)
+            if gone is None:
+                continue
+            for slot in range(len(gone.backends or ())):
+                st.delete("be", m.be_key(gone.set_id, slot))
+            for b in gone.backends or ():
+                st.delete("member", m.member_key(gone.aff_id, b.ip, b.port))
+            st.delete("meta", m.meta_key(gone.aff_id))
+            self.used_aff.discard(gone.aff_id)
 
-    def _rollback_sets(self, plan: list[tuple[str, SetState, SetState | None]], new_affs: set[int],
-                       new_members: list[bytes]) -> None:
+    def _rollback_sets(self, plans: list[_Plan]) -> None:
         assert self.maps is not None
+        st = Staged(self.maps)
+        for p in plans:
+            for _, new, _ in p.sets:
+                for slot in range(len(new.backends or ())):
+                    st.delete("be", m.be_key(new.set_id, slot))
+            for k in p.new_members:
+                st.delete("member", k)
+            for a in p.new_affs:
+                st.delete("meta", m.meta_key(a))
+            self.used_aff -= p.new_affs
         with contextlib.suppress(bpfsys.BpfError):
-            for _, st, _ in plan:
-                for slot in range(len(st.backends or ())):
-                    self.maps.be.delete(m.be_key(st.set_id, slot))
-            for k in new_members:
-                self.maps.member.delete(k)
-            for a in new_affs:
-                self.maps.meta.delete(m.meta_key(a))
-        self.used_aff -= new_affs
+            st.flush()
 
     def _gc(self) -> int:
         """Delete map entries nothing references; re-add missing membership entries. Returns writes."""
         assert self.maps is not None
         mp = self.maps
-        n = 0
+        st = Staged(mp)
         for k in mp.svc:
             if k not in self.frontends:
-                mp.svc.delete(k)
-                n += 1
-        live_slots = {m.be_key(st.set_id, s) for st in self.sets.values() for s in range(len(st.backends or ()))}
+                st.delete("svc", k)
+        live_slots = {m.be_key(s.set_id, i) for s in self.sets.values() for i in range(len(s.backends or ()))}
         for k in mp.be:
             if k not in live_slots:
-                mp.be.delete(k)
-                n += 1
-        want_members = {m.member_key(st.aff_id, b.ip, b.port): m.be_val(b.ip, b.port, b.local)
-                        for st in self.sets.values() for b in st.backends or ()}
+                st.delete("be", k)
+        want_members = {m.member_key(s.aff_id, b.ip, b.port): m.be_val(b.ip, b.port, b.local)
+                        for s in self.sets.values() for b in s.backends or ()}
         have = set()
         for k in mp.member:
             if k in want_members:
                 have.add(k)
             else:
-                mp.member.delete(k)
-                n += 1
+                st.delete("member", k)
         for k, v in want_members.items():
             if k not in have:
-                mp.member.put(k, v)
-                n += 1
-        live_aff = {st.aff_id for st in self.sets.values()} | {m.META_ATTACHMENTS}
+                st.put("member", k, v)
+        live_aff = {s.aff_id for s in self.sets.values()} | {m.META_ATTACHMENTS}
         for k in mp.meta:
             if int.from_bytes(k, "little") not in live_aff:
-                mp.meta.delete(k)
-                n += 1
+                st.delete("meta", k)
+        n = sum(map(len, st.dels.values())) + sum(map(len, st.puts.values()))
+        st.flush()
         return n
 
     # ---- node addresses (NodePort destinations) -----------------------------------------------------------

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from . import bpfsys as sys_
-from .kheaders import HeadersError, ensure_kernel_source
+from . import objfile
+from .kheaders import HeadersError, cache_dir, ensure_kernel_source
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -81,57 +82,112 @@ def source_path() -> Path:
     raise LoadError(f"BPF source kproxy_lb.c not found in {', '.join(map(str, candidates))} (set KPROXY_BPF_DIR)")
 
 
+PROG_TYPE_SCHED_CLS = 3
+PROG_TYPE_CGROUP_SOCK_ADDR = 18
+
+
 @dataclass
 class Programs:
-    """Loaded (not yet attached) programs: name -> fd. Holds the bcc module until closed."""
+    """Loaded (not yet attached) programs: name -> fd (closed by :meth:`close`; attachments keep theirs)."""
 
     fds: dict[str, int]
-    _bpf: object
+    source: str = ""  # "cache", "object" or "bcc"
 
     def close(self) -> None:
-        bpf, self._bpf = self._bpf, None
-        if bpf is not None:
-            with contextlib.suppress(Exception):
-                bpf.cleanup()  # type: ignore[attr-defined]
+        fds, self.fds = self.fds, {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
-def compile_and_load(pin_dir: str, want_tc: bool = True, masq_mark: int = 0x4000) -> Programs:
-    """Compile bpf/kproxy_lb.c with its maps pinned under ``pin_dir`` (created or re-used) and load it."""
+def _wanted(want_tc: bool) -> dict[str, tuple[int, int]]:
+    """name -> (program type, expected attach type or -1)."""
+    out = {name: (PROG_TYPE_CGROUP_SOCK_ADDR, at) for name, (at, _) in SOCK_PROGS.items()}
+    if want_tc:
+        out.update({name: (PROG_TYPE_SCHED_CLS, -1) for name in TC_PROGS})
+    return out
+
+
+def compile_object(path: str, masq_mark: int = 0x4000) -> None:
+    """Compile bpf/kproxy_lb.c with bcc (used as a compiler only) into a precompiled object at ``path``."""
     try:
         from bcc import BPF  # type: ignore[import-not-found]
     except ImportError as e:
-        raise LoadError("the ebpf mode needs bcc's Python module (Debian: apt-get install python3-bpfcc; "
-                        f"make /usr/lib/python3/dist-packages/bcc visible to this interpreter): {e}") from None
+        raise LoadError("compiling the BPF programs needs bcc's Python module (Debian: apt-get install "
+                        "python3-bpfcc, made visible to this interpreter), or a precompiled object in "
+                        f"KPROXY_BPF_OBJECT: {e}") from None
     try:
         ensure_kernel_source()
     except HeadersError as e:
-        raise LoadError(str(e)) from None
-    src = source_path().read_text().replace("@PIN@", pin_dir)
+        raise LoadError(f"{e}; or ship a precompiled object (KPROXY_BPF_OBJECT)") from None
+    raw = source_path().read_text()
     try:
-        b = BPF(text=src, cflags=["-Wno-unused-function", f"-DKP_MASQ_MARK={masq_mark:#x}"])
+        b = BPF(text=raw, cflags=["-Wno-unused-function", f"-DKP_MASQ_MARK={masq_mark:#x}"])
     except Exception as e:
         raise LoadError(f"compiling {source_path()} with bcc failed (kernel headers at "
-                        f"{os.environ.get('BCC_KERNEL_SOURCE', '/lib/modules/.../build')}; BPF syscall and "
-                        f"bpffs at {pin_dir} needed): {e}") from None
+                        f"{os.environ.get('BCC_KERNEL_SOURCE', '/lib/modules/.../build')}): {e}") from None
+    try:
+        progs = {name: (pt, at, bytes(b.dump_func(name.encode()))) for name, (pt, at) in _wanted(True).items()}
+        map_fds = {name: b.get_table(name.encode()).map_fd for name in objfile.MAP_SPECS}
+        objfile.save(path, objfile.source_key(raw, masq_mark), progs, map_fds)
+    finally:
+        b.cleanup()
+
+
+def compile_and_load(pin_dir: str, want_tc: bool = True, masq_mark: int = 0x4000) -> Programs:
+    """Load the programs against the maps pinned in ``pin_dir`` (created if missing).
+
+    The bytecode comes from, in order: the compile cache (same source and masquerade mark), the
+    precompiled object named by ``$KPROXY_BPF_OBJECT``, or a fresh bcc compile (which fills the cache).
+    """
+    key = objfile.source_key(source_path().read_text(), masq_mark)
+    cache = os.path.join(cache_dir(), "bpf", f"kproxy_lb-{key}.json")
+    obj, origin = objfile.read(cache, key), "cache"
+    shipped = os.environ.get("KPROXY_BPF_OBJECT", "")
+    if obj is None and shipped:
+        obj, origin = objfile.read(shipped), "object"
+        if obj is None:
+            raise LoadError(f"KPROXY_BPF_OBJECT={shipped} is not a readable precompiled object")
+        if obj.get("key") != key:
+            raise LoadError(f"KPROXY_BPF_OBJECT={shipped} was built from another bpf/kproxy_lb.c or masquerade "
+                            f"bit (key {obj.get('key')}, want {key}); rebuild it with kproxy-bpf-compile")
+    if obj is None:
+        compile_object(cache, masq_mark)
+        obj, origin = objfile.read(cache, key), "bcc"
+        if obj is None:
+            raise LoadError(f"the compiled object {cache} is unreadable")
+    wanted = _wanted(want_tc)
     fds: dict[str, int] = {}
     try:
-        for name, (attach_type, feature) in SOCK_PROGS.items():
+        for name in wanted:
             try:
-                fds[name] = b.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=attach_type).fd
-            except Exception as e:
-                raise LoadError(f"the kernel rejected {name}: it needs BPF_PROG_TYPE_CGROUP_SOCK_ADDR with {feature} "
-                                f"and bpf_get_netns_cookie (Linux 5.7): {e}") from None
-        if want_tc:
-            for name in TC_PROGS:
-                try:
-                    fds[name] = b.load_func(name, BPF.SCHED_CLS).fd
-                except Exception as e:
-                    raise LoadError(f"the kernel rejected {name}: it needs BPF_PROG_TYPE_SCHED_CLS with direct "
-                                    f"packet rewrite helpers (Linux 4.5): {e}") from None
+                fds.update(objfile.load(obj, pin_dir, [name]))
+            except objfile.ObjectError as e:
+                feature = (f"BPF_PROG_TYPE_CGROUP_SOCK_ADDR with {SOCK_PROGS[name][1]} and bpf_get_netns_cookie "
+                           "(Linux 5.7)" if name in SOCK_PROGS else
+                           "BPF_PROG_TYPE_SCHED_CLS with checksum-fixing rewrite helpers (Linux 4.5)")
+                raise LoadError(f"the kernel rejected {name}: it needs {feature}: {e}") from None
+            except sys_.BpfError as e:
+                raise LoadError(f"creating or opening the pinned maps in {pin_dir} failed: {e}") from None
     except BaseException:
-        b.cleanup()
+        Programs(fds).close()
         raise
-    return Programs(fds, b)
+    log.info("ebpf: %d programs loaded (bytecode from %s)", len(fds), origin)
+    return Programs(fds, origin)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kproxy.dataplane.ebpf.loader OUT [MASQUERADE_BIT]``: write a precompiled object."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print("usage: python -m kproxy.dataplane.ebpf.loader OUT.json [masquerade-bit (14)]", file=sys.stderr)
+        return 2
+    bit = int(args[1]) if len(args) > 1 else 14
+    compile_object(args[0], 1 << bit)
+    print(f"wrote {args[0]}")
+    return 0
 
 
 # ---- cgroup -----------------------------------------------------------------------------------------
@@ -337,3 +393,7 @@ def detach_tc(interfaces: Iterable[str]) -> int:
                 except NetlinkError:
                     pass
     return n
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -6,8 +6,10 @@ order; ids and counters in host order.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -28,6 +30,9 @@ F_SNAT = 0x100  # tc: masquerade the client (externalTrafficPolicy Cluster, or a
 
 BE_LOCAL = 1
 
+_ZERO16 = bytes(16)
+_ZERO12 = bytes(12)
+
 PROTO = {"TCP": 6, "UDP": 17, "SCTP": 132}
 PROTO_NAME = {v: k for k, v in PROTO.items()}
 
@@ -46,15 +51,17 @@ MAPS: dict[str, tuple[int, int]] = {  # name -> (key size, value size)
 }
 
 
+@functools.lru_cache(maxsize=65536)
 def addr16(ip: str) -> bytes:
     if not ip:
-        return bytes(16)
-    packed = ipaddress.ip_address(ip).packed
-    return packed + bytes(16 - len(packed))
+        return _ZERO16
+    if ":" in ip:
+        return socket.inet_pton(socket.AF_INET6, ip)
+    return socket.inet_pton(socket.AF_INET, ip) + _ZERO12
 
 
 def addr_str(raw: bytes, family: int) -> str:
-    return str(ipaddress.ip_address(raw[:4] if family == 4 else raw[:16]))
+    return socket.inet_ntop(socket.AF_INET, raw[:4]) if family == 4 else str(ipaddress.ip_address(raw[:16]))
 
 
 def port_be(port: int) -> bytes:
