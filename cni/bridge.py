@@ -113,7 +113,11 @@ class _NS:
         from cni._nl import setns
 
         self.home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        setns(self.target)
+        try:
+            setns(self.target)
+        except BaseException:
+            os.close(self.home)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -539,6 +543,9 @@ def cmd_del(args: Args) -> None:
         if ns_fd >= 0:
             try:
                 index = _ifindex(ns_fd, args.ifname)
+            except OSError:
+                index = 0  # not a network namespace (any more), e.g. a leftover empty mount point
+            try:
                 if index:
                     from cni._nl import delete_link_by_index
 

@@ -113,6 +113,9 @@ def test_del_twice_and_after_netns_is_gone_leaves_nothing(node: Node, netns: Net
     netns.delete(pods[1])
     pl.ok(dict(conf, prevResult=res[1]), "DEL", "c1", netns_path(pods[1]), "eth0")
     pl.ok(conf, "DEL", "c1", "", "eth0")
+    stale = os.path.join(os.path.dirname(data_dir), "stale-netns")  # a path that exists but is no netns
+    open(stale, "w").close()
+    pl.ok(conf, "DEL", "c1", stale, "eth0")
     assert ip_files(data_dir, "del") == []
     assert [n for n in links(nname) if n.startswith("veth")] == []
     assert "CNI-" not in iptables_nat(nname)
