@@ -57,21 +57,6 @@ def make_entry(rcode: int, answer: list[bytes], authority: list[bytes], addition
                  body_min, rcode)
 
 
-def label_offsets(wire: bytes) -> list[int] | None:
-    """Offsets of every label start (and the root) in an uncompressed wire name, or None if malformed."""
-    out = []
-    i, n = 0, len(wire)
-    while i < n:
-        out.append(i)
-        ln = wire[i]
-        if ln == 0:
-            return out if i == n - 1 else None
-        if ln > 63:
-            return None
-        i += ln + 1
-    return None
-
-
 @dataclass(frozen=True, slots=True)
 class Table:
     zone: str  # absolute lower-case text
@@ -96,18 +81,22 @@ class Table:
         z = self.names.get(qname)
         if z is not None:
             return self.nodata[z]
-        offs = label_offsets(qname)
-        if offs is None:
-            return FORWARD
         zw = self.zone_wire
-        for o in offs:
-            if qname[o:] == zw:
-                return SYNTH if self._is_pod_name(qname, offs) else self.nxdomain
+        if qname.endswith(zw):
+            # in the zone if the zone starts at a label boundary of a well-formed name
+            cut = len(qname) - len(zw)
+            i = labels = 0
+            while i < cut:
+                ln = qname[i]
+                if ln > 63:
+                    return FORWARD
+                i += ln + 1
+                labels += 1
+            if i == cut:
+                if labels == 3 and qname.endswith(self.pod_suffix):
+                    return SYNTH  # <ip>.<ns>.pod.<zone>
+                return self.nxdomain
         return FORWARD
-
-    def _is_pod_name(self, qname: bytes, offs: list[int]) -> bool:
-        # <ip>.<ns>.pod.<zone>: exactly two labels above pod.<zone>
-        return len(offs) >= 3 and qname[offs[2]:] == self.pod_suffix
 
 
 _H = struct.Struct("!H")
