@@ -233,10 +233,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10,10000")
     ap.add_argument("--modes", default="ebpf,iptables")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--seconds", type=float, default=0.5)
     ap.add_argument("--iperf", action="store_true", help="also iperf3 through a NodePort from the external host")
-    ap.add_argument("--iperf-seconds", type=float, default=3.0)
+    ap.add_argument("--iperf-seconds", type=float, default=2.0)
+    ap.add_argument("--iperf-rounds", type=int, default=3)
     ap.add_argument("--iptables-backend", default="legacy")
     ap.add_argument("--out", default="", help="write a Markdown report here")
     a = ap.parse_args()
@@ -260,13 +261,18 @@ def main() -> int:
                 time.sleep(0.3)
 
             def measure(label: str, mode: str, size: int, through_vip: bool) -> None:
-                res = {"conn": [], "p50": [], "p99": [], "rr_p50": [], "rr_p99": [], "errors": 0}
-                dres = {"conn": [], "p50": [], "p99": [], "rr_p50": [], "rr_p99": [], "errors": 0}
-                run_client(tool, cgroup, topo.client, "conn", pod.ip, POD_PORT, 0.5)  # warm up
-                for _ in range(a.rounds):
+                """Alternate VIP and direct samples (order flipped each round) so both see the same load."""
+                res: dict[str, list[float]] = {k: [] for k in ("conn", "p50", "p99", "rr_p50", "rr_p99")}
+                dres: dict[str, list[float]] = {k: [] for k in ("conn", "p50", "p99", "rr_p50", "rr_p99")}
+                ratios: dict[str, list[float]] = {"conn": [], "rr_p50": []}
+                errors = 0
+                run_client(tool, cgroup, topo.client, "conn", pod.ip, POD_PORT, 0.3)  # warm up
+                for i in range(a.rounds):
                     targets = [(dres, pod.ip, POD_PORT)]
                     if through_vip:
-                        targets.insert(0, (res, VIP, VIP_PORT))
+                        targets.append((res, VIP, VIP_PORT))
+                    if i % 2:
+                        targets.reverse()
                     for out, ip, port in targets:
                         c = run_client(tool, cgroup, topo.client, "conn", ip, port, a.seconds)
                         r = run_client(tool, cgroup, topo.client, "rr", ip, port, a.seconds)
@@ -275,15 +281,19 @@ def main() -> int:
                         out["p99"].append(c["p99_us"])
                         out["rr_p50"].append(r["p50_us"])
                         out["rr_p99"].append(r["p99_us"])
-                        out["errors"] += c["errors"] + r["errors"]
+                        errors += c["errors"] + r["errors"]
+                    if through_vip:
+                        ratios["conn"].append(res["conn"][-1] / dres["conn"][-1])
+                        ratios["rr_p50"].append(res["rr_p50"][-1] / dres["rr_p50"][-1])
                 row = {"label": label, "mode": mode, "size": size, "vip": res if through_vip else None,
-                       "direct": dres, "iperf": {}}
+                       "direct": dres, "ratios": ratios, "errors": errors, "iperf": {}}
                 if a.iperf:
-                    tp: dict[str, list[float]] = {"nodeport": [], "direct": []}
-                    for _ in range(max(a.rounds // 2, 1)):
+                    tp: dict[str, list[float]] = {"nodeport": [], "direct": [], "ratio": []}
+                    for _ in range(a.iperf_rounds):
+                        tp["direct"].append(iperf(topo, pod.ip, IPERF_PORT, a.iperf_seconds))
                         if through_vip:
                             tp["nodeport"].append(iperf(topo, NODE_EXT_IP, NODE_PORT, a.iperf_seconds))
-                        tp["direct"].append(iperf(topo, pod.ip, IPERF_PORT, a.iperf_seconds))
+                            tp["ratio"].append(tp["nodeport"][-1] / tp["direct"][-1])
                     row["iperf"] = tp
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -308,6 +318,9 @@ def main() -> int:
                         print(f"# {mode} with {size} Services ready in {ready:.1f}s", flush=True)
                         measure(f"{mode}, {size} Services", mode, size, through_vip=True)
                         rows[-1]["ready_s"] = ready
+                        rows[-1]["sync_log"] = [line.split(": ", 1)[-1] for line in
+                                                topo.read_log(f"kproxy-{mode}-{size}.log").splitlines()
+                                                if "full sync" in line][:1]
                     finally:
                         topo.stop_daemon(p)
                         topo.exec(topo.node, [*topo.daemon_args(mdir, mode, *extra), "--cleanup"], check=False,
@@ -326,37 +339,46 @@ def render(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
     cpu = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
     lines = [
         "# Connection rate and latency through a ClusterIP: ebpf vs iptables vs direct",
         "",
         f"`bench/conn_rate.py --sizes {a.sizes} --modes {a.modes} --rounds {a.rounds} --seconds {a.seconds}"
-        f"{' --iperf' if a.iperf else ''}` on {os.cpu_count()} cores ({cpu}), kernel {os.uname().release}; "
-        f"iptables back end: {a.iptables_backend}. Single-threaded C client in the client pod's namespace; "
-        "C server in pod0. Median [min-max] over the rounds; *ratio* = through the VIP / straight to the pod "
-        "IP, measured alternately in the same daemon state.",
+        f"{' --iperf' if a.iperf else ''}` on {os.cpu_count()} cores ({cpu}), kernel {os.uname().release}, "
+        f"load average at the end {' '.join(load)}; iptables back end: {a.iptables_backend}. Single-threaded C "
+        "client in the client pod's namespace (and the socket-LB cgroup), C server in pod0; new conn/s = "
+        "connect + 64 B request/response + close; req = 64 B round trip on a kept-alive connection. "
+        "Median [min-max] over the rounds. *VIP/direct* is the median of per-round ratios, the VIP and the "
+        "direct sample of a round taken back to back (order alternating) under the same daemon state and load.",
         "",
-        "| setup | path | new conn/s | ratio | conn p50 µs | conn p99 µs | req p50 µs | req p99 µs | errors |",
+        "| setup | path | new conn/s | VIP/direct conn/s | conn p50 µs | conn p99 µs | req p50 µs | "
+        "VIP/direct req p50 | req p99 µs |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for path, d in (("VIP", r["vip"]), ("direct", r["direct"])):
             if d is None:
                 continue
-            ratio = "-"
-            if path == "VIP" and r["direct"]["conn"]:
-                ratio = f"{statistics.median(d['conn']) / statistics.median(r['direct']['conn']):.3f}"
-            lines.append(f"| {r['label']} | {path} | {fmt(d['conn'])} | {ratio} | {fmt(d['p50'], 1)} | "
-                         f"{fmt(d['p99'], 1)} | {fmt(d['rr_p50'], 1)} | {fmt(d['rr_p99'], 1)} | {d['errors']} |")
+            rc = rl = "-"
+            if path == "VIP":
+                rc, rl = fmt(r["ratios"]["conn"], 3), fmt(r["ratios"]["rr_p50"], 3)
+            lines.append(f"| {r['label']} | {path} | {fmt(d['conn'])} | {rc} | {fmt(d['p50'], 1)} | "
+                         f"{fmt(d['p99'], 1)} | {fmt(d['rr_p50'], 1)} | {rl} | {fmt(d['rr_p99'], 1)} |")
+    errors = sum(r.get("errors", 0) for r in rows)
+    lines += ["", f"Client errors over the whole run: {errors}."]
     if any(r["iperf"] for r in rows):
-        lines += ["", "## iperf3 through a NodePort from the external host (Gbit/s)", "",
-                  "| setup | NodePort | routed straight to the pod |", "|---|---|---|"]
+        lines += ["", "## iperf3 through a NodePort from the external host (Gbit/s, one TCP stream)", "",
+                  "| setup | NodePort | routed straight to the pod | NodePort/direct |", "|---|---|---|---|"]
         for r in rows:
             if r["iperf"]:
                 lines.append(f"| {r['label']} | {fmt(r['iperf'].get('nodeport', []), 2)} | "
-                             f"{fmt(r['iperf'].get('direct', []), 2)} |")
-    ready = [f"{r['label']}: {r['ready_s']:.1f}s" for r in rows if "ready_s" in r]
-    if ready:
-        lines += ["", "Daemon start to first completed sync: " + "; ".join(ready) + "."]
+                             f"{fmt(r['iperf'].get('direct', []), 2)} | {fmt(r['iperf'].get('ratio', []), 3)} |")
+    lines += ["", "## Daemon start to first completed sync", ""]
+    for r in rows:
+        if "ready_s" in r:
+            sync = f" ({r['sync_log'][0]})" if r.get("sync_log") else ""
+            lines.append(f"- {r['label']}: {r['ready_s']:.1f} s{sync}")
     return "\n".join(lines) + "\n"
 
 
