@@ -66,6 +66,9 @@ class ClusterStore:
     def __init__(self, node_name: str = "") -> None:
         self.node_name = node_name
         self.services: dict[ServiceKey, Service] = {}
+        # Services labelled service.kubernetes.io/service-proxy-name: not proxied (kube-proxy semantics)
+        # but still published by DNS. Changes to them mark consumers dirty like any Service.
+        self.unproxied: dict[ServiceKey, Service] = {}
         self.slices: dict[ServiceKey, EndpointSlice] = {}  # keyed by (namespace, slice name)
         self.slices_by_service: dict[ServiceKey, set[str]] = {}
         self.nodes: dict[str, Node] = {}
@@ -82,6 +85,7 @@ class ClusterStore:
         with self._lock:
             c = _Consumer()
             c.dirty.update(self.services)
+            c.dirty.update(self.unproxied)
             c.dirty.update(self.slices_by_service)
             self._consumers[consumer] = c
 
@@ -142,7 +146,7 @@ class ClusterStore:
         objs = list(objs)
         with self._lock:
             if kind == KIND_SERVICE:
-                old = {f"{k[0]}/{k[1]}" for k in self.services}
+                old = {f"{k[0]}/{k[1]}" for k in (*self.services, *self.unproxied)}
             elif kind == KIND_SLICE:
                 old = {f"{k[0]}/{k[1]}" for k in self.slices}
             else:
@@ -178,15 +182,29 @@ class ClusterStore:
         if ev.kind == KIND_SERVICE:
             if ev.type == "DELETED" or not is_proxyable(meta):
                 self.invalid.pop((ev.kind, skey), None)
-                if self.services.pop(key, None) is not None:
+                changed = self.services.pop(key, None) is not None
+                if ev.type != "DELETED":  # another proxy's Service: not proxied, but DNS still serves it
+                    try:
+                        unproxied: Service | None = parse_service(ev.obj)
+                    except InvalidObject:
+                        unproxied = None
+                    if unproxied is not None and self.unproxied.get(key) != unproxied:
+                        self.unproxied[key] = unproxied
+                        changed = True
+                    elif unproxied is None:
+                        changed |= self.unproxied.pop(key, None) is not None
+                else:
+                    changed |= self.unproxied.pop(key, None) is not None
+                if changed:
                     self._mark(key)
                     return 1
                 return 0
+            had_unproxied = self.unproxied.pop(key, None) is not None
             try:
                 svc = parse_service(ev.obj)
             except InvalidObject as e:
                 self._invalid(ev.kind, skey, str(e))
-                if self.services.pop(key, None) is not None:
+                if self.services.pop(key, None) is not None or had_unproxied:
                     self._mark(key)
                     return 1
                 return 0

@@ -60,8 +60,9 @@ class ClusterZone:
             self._node_names = sorted(store.nodes)
             self.builder.set_records(_NODES, node_records(list(store.nodes.values()), self.zone))
             dirty = dirty | self._nodeport_keys
+        unproxied = getattr(store, "unproxied", {})  # service-proxy-name Services: not proxied, still in DNS
         for key in dirty:
-            svc = store.services.get(key)
+            svc = store.services.get(key) or unproxied.get(key)
             if svc is None:
                 self.builder.set_records(key, [])
                 self._nodeport_keys.discard(key)
@@ -76,6 +77,6 @@ class ClusterZone:
             else:
                 self._nodeport_keys.discard(key)
         if KUBE_DNS in dirty:
-            svc = store.services.get(KUBE_DNS)
+            svc = store.services.get(KUBE_DNS) or unproxied.get(KUBE_DNS)
             addrs = svc.cluster_ips if svc is not None and svc.cluster_ips else self.fallback_ns
             self.builder.set_records(_APEX, apex_records(self.zone, addrs))
