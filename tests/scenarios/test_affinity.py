@@ -36,18 +36,15 @@ def test_client_ip_affinity_sticks_and_expires(sc: Scenario) -> None:
     sc.apply("aff", *sticky(sc, "aff", vip, TIMEOUT))
     sources = sc.client_addresses(SOURCES)
 
-    # Each source address sticks to one backend over many new connections.
-    first = by_src(sc, vip, sources, 5)
+    # Each source address sticks to one backend over many new connections (made back to back, well within
+    # the timeout: a second pass in a new process could exceed it on a loaded machine).
+    first = by_src(sc, vip, sources, 6)
     for src, counts in first.items():
         assert len(counts) == 1, f"{src} was spread over {counts} despite ClientIP affinity"
     chosen = {src: next(iter(c)) for src, c in first.items()}
     # Affinity is per client, not global: 20 independent first choices over 3 backends are not all equal
     # unless selection is broken (chance (1/3)^19 ≈ 1e-9).
     assert len(set(chosen.values())) > 1, f"every client was pinned to the same backend: {chosen}"
-
-    # Still within the timeout (each connection refreshes it): same backend again.
-    again = by_src(sc, vip, sources, 2)
-    assert {s: next(iter(c)) for s, c in again.items()} == chosen and all(len(c) == 1 for c in again.values())
 
     # After the timeout, every source picks afresh. If the timeout were ignored (e.g. kernel default or
     # 10800 s), all 20 sources would keep their backend; with a fresh random pick each keeps it with
