@@ -264,6 +264,9 @@ class Categorized:
     internal: tuple[EndpointInfo, ...]
     external: tuple[EndpointInfo, ...]
     reachable: tuple[EndpointInfo, ...]
+    # kube-proxy's hasAnyEndpoints: a usable endpoint exists somewhere in the cluster, so traffic that
+    # finds none under its policy is DROPped ("has no local endpoints") rather than REJECTed
+    has_any: bool = False
 
 
 def _can_use_topology(eps: Iterable[EndpointInfo], node_zone: str) -> bool:
@@ -288,7 +291,7 @@ def categorize(sp: ServicePort, eps: Iterable[EndpointInfo], node_zone: str = ""
     if not cluster:
         cluster = tuple(e for e in eps if e.serving and e.terminating)
     if not sp.uses_local:
-        return Categorized(cluster, cluster if sp.has_external else (), cluster)
+        return Categorized(cluster, cluster if sp.has_external else (), cluster, bool(cluster))
     local = tuple(e for e in eps if e.ready and e.is_local)
     if not local:
         local = tuple(e for e in eps if e.serving and e.terminating and e.is_local)
@@ -298,4 +301,4 @@ def categorize(sp: ServicePort, eps: Iterable[EndpointInfo], node_zone: str = ""
         reachable = internal
     else:
         reachable = tuple(sorted(set(internal) | set(external)))
-    return Categorized(internal, external, reachable)
+    return Categorized(internal, external, reachable, bool(cluster or local))

@@ -80,3 +80,11 @@ def test_categorize_topology_hints() -> None:
     # one endpoint without hints disables topology for the Service
     partial = _eps(ClusterStore("node-a"), [ep("10.0.0.1", zones=("a",)), ep("10.0.0.2")])
     assert len(categorize(_sp(), partial, node_zone="a").internal) == 2
+
+
+def test_has_any_endpoints_distinguishes_drop_from_reject() -> None:
+    remote_only = _eps(ClusterStore("node-a"), [ep("10.0.0.1", node="node-b")])
+    c = categorize(_sp(internal_local=True), remote_only)
+    assert not c.internal and not c.reachable and c.has_any  # → DROP "has no local endpoints"
+    none_ready = _eps(ClusterStore("node-a"), [ep("10.0.0.1", ready=False, serving=False)])
+    assert not categorize(_sp(internal_local=True), none_ready).has_any  # → REJECT "has no endpoints"

@@ -174,7 +174,7 @@ def render_service(sp: ServicePort, eps: tuple[EndpointInfo, ...], ctx: RenderCo
     else:
         cluster_eps = cat_cluster(sp, fam_eps, ctx) if has_external else ()
     local_eps = cat.internal if sp.internal_local else (cat.external if sp.external_local else ())
-    has_endpoints = bool(cat.reachable)
+    has_endpoints = bool(cat.reachable)  # kube-proxy's allLocallyReachableEndpoints: worth a nat rule
     has_internal = bool(cat.internal)
     has_ext_eps = bool(cat.external)
     out.no_local_endpoints = {
@@ -253,7 +253,7 @@ def render_service(sp: ServicePort, eps: tuple[EndpointInfo, ...], ctx: RenderCo
     f_fw: list[str] = []
     comment = f"-m comment --comment \"{spn}"
     # kube-proxy: no endpoints at all → REJECT; endpoints, but none for this traffic's policy → DROP
-    verdict, why = ("DROP", "has no local endpoints") if has_endpoints else ("REJECT", "has no endpoints")
+    verdict, why = ("DROP", "has no local endpoints") if cat.has_any else ("REJECT", "has no endpoints")
     if has_internal:
         nat_svc.append(f"-A {SERVICES} {vip_match} {comment} cluster IP\" -j {internal_chain}")
     else:
