@@ -66,7 +66,11 @@ class SyncRunner:
             except Exception as e:
                 self.failures += 1
                 backoff = min(self.retry_max, self.retry_min * 2 ** min(self.failures - 1, 10))
-                log.error("sync failed (attempt %d), retrying in %.1fs: %s", self.failures, backoff, e)
+                # a SyncError is an expected, explained failure; anything else is a bug: show where it happened
+                from .dataplane import SyncError
+
+                log.error("sync failed (attempt %d), retrying in %.1fs: %s", self.failures, backoff, e,
+                          exc_info=not isinstance(e, SyncError))
                 retry_at = time.monotonic() + backoff
             else:
                 self.failures = 0
