@@ -29,7 +29,7 @@ if not os.environ.get("KPROXY_IN_VM"):
     pytest.skip("runs inside the IPVS test VM only", allow_module_level=True)
 
 NODE = "node-a"
-GRACE = 15  # KPROXY_IPVS_GRACE_PERIOD for the daemon: a drained real server goes at the latest after this
+GRACE = 45  # KPROXY_IPVS_GRACE_PERIOD for the daemon: a drained real server goes at the latest after this
 EXT_VIP = "198.51.100.10"
 NODEPORT = 30080
 
