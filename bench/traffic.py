@@ -222,6 +222,7 @@ def sender_main(frames_path: str, duration: float, max_packets: int, ifname: str
     sent = errors = 0
     chunk = 256
     t0 = time.perf_counter()
+    c0 = time.process_time()
     end = t0 + duration
     i = 0
     nf = len(frames)
@@ -237,7 +238,8 @@ def sender_main(frames_path: str, duration: float, max_packets: int, ifname: str
         if time.perf_counter() >= end:
             break
     took = time.perf_counter() - t0
-    print(json.dumps({"sent": sent, "errors": errors, "seconds": took}))
+    cpu = time.process_time() - c0
+    print(json.dumps({"sent": sent, "errors": errors, "seconds": took, "cpu_seconds": cpu}))
     return 0
 
 
@@ -427,6 +429,7 @@ class Bench:
         back = after[ns][key_back] - before[ns][key_back]
         secs = r["seconds"]
         return {"sent_pps": r["sent"] / secs, "delivered_pps": sum(per_pod.values()) / secs,
+                "cpu_pps": sum(per_pod.values()) / max(r["cpu_seconds"], 1e-6), "cpu_share": r["cpu_seconds"] / secs,
                 "reply_pps": back / secs, "per_pod": per_pod, "sent": r["sent"], "send_errors": r["errors"]}
 
     # -- socket clients -------------------------------------------------------------------------------------
@@ -489,33 +492,36 @@ class Bench:
         from kproxy.testing.topology import NODE_EXT_IP
 
         # (key, sender namespace, frames): service path first, its baseline second
-        pairs = [
-            ("clusterip", "tcp", t.client, (CLIENT_SRC_BASE, m["client"], [(m["gw"], VIP, HTTP_PORT)]),
-             ("pod", (CLIENT_SRC_BASE, m["client"], pod_targets))),
-            ("clusterip", "udp", t.client, (CLIENT_SRC_BASE, m["client"], [(m["gw"], VIP, UDP_PORT)]),
-             ("pod", (CLIENT_SRC_BASE, m["client"], pod_targets_udp))),
-            ("nodeport", "tcp", t.ext, (EXT_SRC_BASE, m["ext"], [(m["node_ext"], NODE_EXT_IP, NP_HTTP)]),
-             ("pod-routed", (EXT_SRC_BASE, m["ext"], routed))),
-            ("nodeport", "udp", t.ext, (EXT_SRC_BASE, m["ext"], [(m["node_ext"], NODE_EXT_IP, NP_UDP)]),
-             ("pod-routed", (EXT_SRC_BASE, m["ext"], routed_udp))),
+        via_node = [(m["gw"], p.ip, HTTP_PORT) for p in self.pods]
+        via_node_udp = [(m["gw"], p.ip, UDP_PORT) for p in self.pods]
+        csrc, esrc = (CLIENT_SRC_BASE, m["client"]), (EXT_SRC_BASE, m["ext"])
+        # (service key, proto, sender namespace, service frames, [(baseline key, frames), ...])
+        groups = [
+            ("clusterip", "tcp", t.client, (*csrc, [(m["gw"], VIP, HTTP_PORT)]),
+             [("pod", (*csrc, pod_targets)), ("pod-via-node", (*csrc, via_node))]),
+            ("clusterip", "udp", t.client, (*csrc, [(m["gw"], VIP, UDP_PORT)]),
+             [("pod", (*csrc, pod_targets_udp)), ("pod-via-node", (*csrc, via_node_udp))]),
+            ("nodeport", "tcp", t.ext, (*esrc, [(m["node_ext"], NODE_EXT_IP, NP_HTTP)]),
+             [("pod-routed", (*esrc, routed))]),
+            ("nodeport", "udp", t.ext, (*esrc, [(m["node_ext"], NODE_EXT_IP, NP_UDP)]),
+             [("pod-routed", (*esrc, routed_udp))]),
         ]
         want = set(a.only.split(",")) if a.only else {"packets", "conn", "http", "iperf"}
         results: dict[str, Any] = {"packets": [], "conn": None, "http": None, "iperf": []}
         if "packets" in want:
-            for key, proto, ns, svc_frames, (dkey, direct_frames) in pairs:
-                fs = self.frames(key, *svc_frames, proto)
-                fd = self.frames(f"{key}-{dkey}", *direct_frames, proto)
-                rounds: dict[str, list[dict[str, Any]]] = {"svc": [], "direct": []}
-                self.send(ns, fs, 0.3)  # warm up: ARP, conntrack, caches
-                self.send(ns, fd, 0.3)
+            for key, proto, ns, svc_frames, baselines in groups:
+                sides = [(key, self.frames(key, *svc_frames, proto))]
+                sides += [(bkey, self.frames(f"{key}-{bkey}", *bf, proto)) for bkey, bf in baselines]
+                for _, path in sides:
+                    self.send(ns, path, 0.3)  # warm up: ARP, conntrack, caches
+                rounds: dict[str, list[dict[str, Any]]] = {k: [] for k, _ in sides}
                 for _ in range(a.repeats):
-                    rounds["svc"].append(self.packet_round(ns, fs, proto))
-                    rounds["direct"].append(self.packet_round(ns, fd, proto))
-                row = {"service": key, "baseline": dkey, "proto": proto, **rounds}
+                    for k, path in sides:
+                        rounds[k].append(self.packet_round(ns, path, proto))
+                row = {"service": key, "proto": proto, "sides": [k for k, _ in sides], "rounds": rounds}
                 results["packets"].append(row)
                 print(json.dumps({"packets": key, "proto": proto,
-                                  "svc_delivered": [round(r["delivered_pps"]) for r in rounds["svc"]],
-                                  "direct_delivered": [round(r["delivered_pps"]) for r in rounds["direct"]]}),
+                                  **{k: [round(r["delivered_pps"]) for r in v] for k, v in rounds.items()}}),
                       flush=True)
         pod0 = self.pods[0]
         for kind, close in (("conn", True), ("http", False)):
@@ -571,14 +577,21 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"packets": {}, "conn": {}, "http": {}, "iperf": {}}
     for row in results["packets"]:
         k = f"{row['service']}-{row['proto']}"
+        rounds = row["rounds"]
         out["packets"][k] = {
-            side: {"delivered_pps": statistics.median(r["delivered_pps"] for r in row[side]),
-                   "sent_pps": statistics.median(r["sent_pps"] for r in row[side]),
-                   "reply_pps": statistics.median(r["reply_pps"] for r in row[side]),
-                   "share": share([r["per_pod"] for r in row[side]])}
-            for side in ("svc", "direct")}
-        out["packets"][k]["ratio"] = statistics.median(ratios(
-            [r["delivered_pps"] for r in row["svc"]], [r["delivered_pps"] for r in row["direct"]]) or [0])
+            side: {"delivered_pps": statistics.median(r["delivered_pps"] for r in rounds[side]),
+                   "sent_pps": statistics.median(r["sent_pps"] for r in rounds[side]),
+                   "reply_pps": statistics.median(r["reply_pps"] for r in rounds[side]),
+                   "cpu_pps": statistics.median(r["cpu_pps"] for r in rounds[side]),
+                   "share": share([r["per_pod"] for r in rounds[side]])}
+            for side in row["sides"]}
+        # "svc" / "direct": the Service path and its first baseline (the path a client would take without it)
+        out["packets"][k]["svc"] = out["packets"][k][row["sides"][0]]
+        out["packets"][k]["direct"] = out["packets"][k][row["sides"][1]]
+        svc, base = rounds[row["sides"][0]], rounds[row["sides"][1]]
+        for name, field_ in (("ratio", "delivered_pps"), ("ratio_cpu", "cpu_pps")):
+            out["packets"][k][name] = statistics.median(ratios(
+                [r[field_] for r in svc], [r[field_] for r in base]) or [0])
     for kind in ("conn", "http"):
         r = results.get(kind)
         if r:
@@ -613,25 +626,41 @@ def render(results: dict[str, Any], a: argparse.Namespace, meta: dict[str, str])
             "## Packets: scapy-built frames sent as raw bytes over AF_PACKET",
             "",
             f"{a.flows} distinct flows from {a.sources} source addresses (random source ports), TCP SYN to the "
-            "HTTP port or 20-byte UDP datagrams to the UDP echo port, sent round-robin in a tight loop. "
-            "*delivered* = packets counted by nft counters inside the pod namespaces / sender time; *replies* "
-            "= SYN-ACKs or UDP echoes back in the sender's namespace; *share* = per-backend share of the "
-            "delivered packets, pod0 / pod1 / pod2 (the direct rows address the pods round-robin). "
-            "The sender's rate is CPU-bound: a costlier path slows the sender itself, so *sent* differs too.",
+            "HTTP port or 20-byte UDP datagrams to the UDP echo port, sent round-robin in a tight loop by one "
+            "process. *delivered* = packets counted by nft counters inside the pod namespaces / sender wall "
+            "time; *replies* = SYN-ACKs or UDP echoes counted back in the sender's namespace; *share* = "
+            "per-backend share of the delivered packets, pod0 / pod1 / pod2 (the direct rows address the pods "
+            "round-robin).",
             "",
-            "| path | proto | sent pkt/s | delivered pkt/s | replies pkt/s | ratio (delivered) | share |",
-            "|---|---|---|---|---|---|---|",
+            "Nothing is dropped (delivered = sent): the sender is CPU-bound and the kernel processes each frame "
+            "in the sender's context (veth → node → bridge → pod; for a SYN also the SYN-ACK and the sender's "
+            "RST), so the rate measures the per-packet cost of the path. *per CPU-s* = delivered packets per "
+            "CPU-second of the sender (its user + system time): on a machine shared with other work the sender "
+            "gets only part of a core, and this column is the one that does not depend on how much it got "
+            "(*CPU* = the sender's CPU time / wall time). The ratios on a baseline row are *Service path / that "
+            "path*: the bridged pod-to-pod path is what a client would take without the Service, the path "
+            "routed via the node isolates the cost of the proxy's translation from the cost of routing.",
+            "",
+            "| path | proto | sent pkt/s | delivered pkt/s | replies pkt/s | per CPU-s | ratio (per CPU-s) | "
+            "ratio (pkt/s) | CPU | share |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         names = {"clusterip": "client pod → ClusterIP", "pod": "client pod → pod IPs (bridged)",
+                 "pod-via-node": "client pod → pod IPs routed via the node",
                  "nodeport": "external → NodePort", "pod-routed": "external → pod IPs (routed)"}
         for row in results["packets"]:
-            rs = ratios([r["delivered_pps"] for r in row["svc"]], [r["delivered_pps"] for r in row["direct"]])
-            for side, key in (("svc", row["service"]), ("direct", row["baseline"])):
-                rr = row[side]
+            rounds = row["rounds"]
+            svc = rounds[row["sides"][0]]
+            for i, key in enumerate(row["sides"]):
+                rr = rounds[key]
+                rc = verdict(ratios([r["cpu_pps"] for r in svc], [r["cpu_pps"] for r in rr])) if i else ""
+                rs = verdict(ratios([r["delivered_pps"] for r in svc], [r["delivered_pps"] for r in rr])) if i else ""
                 lines.append(
                     f"| {names[key]} | {row['proto'].upper()} | {stat([r['sent_pps'] for r in rr])} | "
                     f"{stat([r['delivered_pps'] for r in rr])} | {stat([r['reply_pps'] for r in rr])} | "
-                    f"{verdict(rs) if side == 'svc' else ''} | {fmt_share(share([r['per_pod'] for r in rr]))} |")
+                    f"{stat([r['cpu_pps'] for r in rr])} | {rc} | {rs} | "
+                    f"{statistics.median(r['cpu_share'] for r in rr) * 100:.0f} % | "
+                    f"{fmt_share(share([r['per_pod'] for r in rr]))} |")
     if results["conn"] or results["http"]:
         lines += ["", "## Connections and requests (wrk in the client pod, "
                   f"2 threads, {a.connections} connections)", "",
