@@ -273,3 +273,16 @@ def test_reference_and_kproxy_agree_on_results(plugins: Plugins, data_dir: str) 
             conf["cniVersion"] = version
             results.append(add(plugins, conf, "a"))
         assert results[0] == results[1], version
+
+
+def test_kubelet_style_cni_args_are_accepted(plugins: Plugins, data_dir: str) -> None:
+    conf = hl_conf("k8s", data_dir, [[{"subnet": "10.244.9.0/24"}]])
+    args = {
+        "IgnoreUnknown": "1",
+        "K8S_POD_NAMESPACE": "default",
+        "K8S_POD_NAME": "web-0",
+        "K8S_POD_INFRA_CONTAINER_ID": "abc123",
+        "K8S_POD_UID": "0d2c-11",
+    }
+    assert addresses(add(plugins, conf, "abc123", args=args)) == ["10.244.9.2/24"]
+    assert addresses(add(plugins, conf, "def456", args={**args, "IP": "10.244.9.50"})) == ["10.244.9.50/24"]
