@@ -385,9 +385,11 @@ class KubeSource:
                     events = []
                 if op == "replace":
                     _, kind, objs, initial = it
+                    t0 = time.perf_counter()
                     changed = store.replace(kind, objs)
                     self.stats.batches += 1
-                    log.info("kube source: listed %d %s objects (%d changes)", len(objs), kind, changed)
+                    log.info("kube source: applied the list of %d %s objects to the store in %.2fs (%d changes)",
+                             len(objs), kind, time.perf_counter() - t0, changed)
                     if initial and kind in pending_initial:
                         pending_initial.discard(kind)
                         if not pending_initial:
@@ -453,6 +455,7 @@ class _Reflector:
         self.rv = ""  # the last resourceVersion seen (list, event or bookmark)
         self.synced = False
         self.received = 0  # watch lines received by the current attempt
+        self.pages = 0  # pages of the last list
         self.watch_started = 0.0  # monotonic start of the current watch (0: none)
         self.backoff = Backoff(src.backoff_initial, src.backoff_cap)
 
@@ -520,6 +523,7 @@ class _Reflector:
         src = self.src
         relist = self.synced
         rv_from = self.rv if relist else ""
+        t0 = time.perf_counter()
         try:
             items, rv = self._list_pages(rv_from)
         except ApiStatusError as e:
@@ -531,6 +535,9 @@ class _Reflector:
                      self.res.kind, rv_from, e)
             items, rv = self._list_pages("")
         src.stats.lists += 1
+        log.info("kube source: %s %d %s objects at resourceVersion %s in %.2fs (%d pages)",
+                 "relisted" if relist else "listed", len(items), self.res.kind, rv, time.perf_counter() - t0,
+                 self.pages)
         src.stats.relists += relist
         self.rv = rv
         src.stats.last_rv[self.res.kind] = rv
@@ -542,6 +549,7 @@ class _Reflector:
         items: list[dict[str, Any]] = []
         cont = ""
         restarts = 0
+        self.pages = 0
         while True:
             params = {"limit": str(src.page_size)}
             if cont:
@@ -568,6 +576,7 @@ class _Reflector:
                 raise err
             doc = _loads(body)
             src.stats.pages += 1
+            self.pages += 1
             page = doc.get("items") or []
             items.extend(page)
             meta = doc.get("metadata") or {}
