@@ -13,13 +13,15 @@ selection chain — in one transaction. Nothing outside the ``kproxy`` tables is
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from ...config import ProxyConfig
 from ...snapshot import Changes, ProxySnapshot
 from .. import DataPlane, ServiceStatus, SetupError, SyncError, SyncResult
-from . import nft
+from . import netlink, nft
 from . import render as r
 from .state import Delta, ElementIndex
 from .status import read_status
@@ -40,8 +42,9 @@ class NftablesDataPlane(DataPlane):
         self.kernel_sets: dict[int, set[str]] = {4: set(), 6: set()}
         self.ctx: dict[int, r.Context | None] = {4: None, 6: None}
         self._need_full = True
-        self.last_script_bytes = 0
         self.last_elements = 0
+        # element transactions over raw nfnetlink (fast); KPROXY_NFT_NETLINK=0 sends everything through nft -f
+        self.use_netlink = os.environ.get("KPROXY_NFT_NETLINK", "1") != "0"
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -99,76 +102,101 @@ class NftablesDataPlane(DataPlane):
         elements = 0
         for fam in self.families:
             ctx = self._context(snapshot, fam)
-            fam_full = full or ctx != self.ctx[fam]
             t0 = time.perf_counter()
             try:
-                if fam_full:
-                    script, index, live, n = self._render_full(snapshot, ctx)
+                if full or ctx != self.ctx[fam]:
+                    plan = self._plan_full(snapshot, ctx)
                 else:
-                    script, index, live, n = self._render_partial(snapshot, changes, ctx)
+                    plan = self._plan_partial(snapshot, changes, ctx)
+                t1 = time.perf_counter()
+                self._execute(fam, plan, result)
             except SyncError:
                 self._need_full = True
                 raise
-            t1 = time.perf_counter()
-            if script:
-                try:
-                    nft.apply(script)
-                except SyncError:
-                    self._need_full = True
-                    raise
             t2 = time.perf_counter()
-            self.index[fam] = index
-            self.kernel_chains[fam], self.kernel_sets[fam] = live
+            self.index[fam] = plan.index
+            self.kernel_chains[fam], self.kernel_sets[fam] = plan.chains, plan.sets
             self.ctx[fam] = ctx
-            self.last_script_bytes = len(script)
-            elements += n
+            elements += plan.elements
             result.render_seconds += t1 - t0
             result.apply_seconds += t2 - t1
-            result.extra[f"nft_ipv{fam}_seconds"] = t2 - t1
         self._need_full = False
         self.last_elements = elements
         result.rules = elements
         result.services = len(snapshot.services) if full else len(changes.changed) + len(changes.removed)
         return result
 
-    def _render_full(self, snapshot: ProxySnapshot, ctx: r.Context
-                     ) -> tuple[str, ElementIndex, tuple[set[str], set[str]], int]:
+    def _execute(self, fam: int, plan: Plan, result: SyncResult) -> None:
+        """Structure first (additive), then every element change in one transaction, then removals.
+
+        Each step leaves a working ruleset: new chains and maps are unreferenced until the element
+        transaction points frontends at them, and stale ones are unreferenced once it has committed.
+        """
+        t = f"{r.nft_family(fam)} {r.TABLE}"
+        if not self.use_netlink:
+            script = [*plan.pre, *_ops_text(t, plan.ops), *plan.post]
+            if script:
+                t0 = time.perf_counter()
+                nft.apply("\n".join(script) + "\n")
+                result.extra[f"nft_ipv{fam}_seconds"] = time.perf_counter() - t0
+            return
+        t0 = time.perf_counter()
+        if plan.pre:
+            nft.apply("\n".join(plan.pre) + "\n")
+        t1 = time.perf_counter()
+        if plan.ops:
+            batch = netlink.Batch(fam, r.TABLE)
+            for op in plan.ops:
+                if op[0] == "flush":
+                    batch.flush(op[1])
+                elif op[0] == "delete":
+                    batch.delete(op[1], op[2])
+                else:
+                    batch.add(op[1], op[2])
+            batch.commit()
+        t2 = time.perf_counter()
+        if plan.post:
+            nft.apply("\n".join(plan.post) + "\n")
+        t3 = time.perf_counter()
+        result.extra[f"nft_ipv{fam}_seconds"] = (t1 - t0) + (t3 - t2)
+        result.extra[f"netlink_ipv{fam}_seconds"] = t2 - t1
+
+    def _plan_full(self, snapshot: ProxySnapshot, ctx: r.Context) -> Plan:
         fam = ctx.family
         t = f"{ctx.f} {r.TABLE}"
         index = ElementIndex()
         eps = snapshot.endpoints
         for spn, sp in snapshot.services.items():
             index.load(spn, r.render_service(sp, eps.get(spn, ()), ctx))
+        index.end_load()
         chains, sets = index.live_chains(), index.live_sets()
-        lines = self._skeleton(fam)
-        lines.extend(r.dynamic_set_declaration(s, fam) for s in sorted(sets))
-        for s in (*r.DATA_SETS, *sorted(sets)):
-            if s.startswith("aff-"):
-                continue  # affinity memory of the packet path survives a resync
-            lines.append(f"flush {'set' if s in _SETS else 'map'} {t} {s}")
+        plan = Plan(index, chains, sets)
+        pre = plan.pre
+        pre.extend(self._skeleton(fam))
+        pre.extend(r.dynamic_set_declaration(s, fam) for s in sorted(sets))
+        for s in TEXT_SETS:
+            pre.append(f"flush set {t} {s}")
+            _add_elements(pre, t, s, index.current.get(s, {}).items())
         for chain, rules in r.static_rules(ctx).items():
-            lines.append(f"flush chain {t} {chain}")
-            lines.extend(f"add rule {t} {chain} {rule}" for rule in rules)
+            pre.append(f"flush chain {t} {chain}")
+            pre.extend(f"add rule {t} {chain} {rule}" for rule in rules)
         for chain in sorted(chains, key=_slot_first):
-            lines.append(f"add chain {t} {chain}")
-            lines.append(f"flush chain {t} {chain}")
-            lines.extend(f"add rule {t} {chain} {rule}" for rule in r.chain_rules(chain, ctx))
-        n = 0
+            pre.append(f"add chain {t} {chain}")
+            pre.append(f"flush chain {t} {chain}")
+            pre.extend(f"add rule {t} {chain} {rule}" for rule in r.chain_rules(chain, ctx))
+        for s in (*r.DATA_SETS, *sorted(sets)):
+            if s in TEXT_SETS or s.startswith("aff-"):
+                continue  # the affinity memory of the packet path survives a resync
+            plan.ops.append(("flush", s))
         for s, elems in index.current.items():
-            n += len(elems)
-            _add_elements(lines, t, s, ((k, v[1]) for k, v in elems.items()), len(elems))
+            plan.elements += len(elems)
+            if s not in TEXT_SETS and elems:
+                plan.ops.append(("add", s, list(elems.items())))
         old_chains, old_sets = self._kernel_dynamic(fam)
-        stale_chains = old_chains - chains
-        for chain in sorted(stale_chains):
-            lines.append(f"flush chain {t} {chain}")
-        for chain in sorted(stale_chains):
-            lines.append(f"delete chain {t} {chain}")
-        for s in sorted(old_sets - sets):
-            lines.append(f"delete {'set' if s.startswith('aff-') else 'map'} {t} {s}")
-        return "\n".join(lines) + "\n", index, (chains, sets), n
+        self._removals(plan, t, old_chains, old_sets)
+        return plan
 
-    def _render_partial(self, snapshot: ProxySnapshot, changes: Changes, ctx: r.Context
-                        ) -> tuple[str, ElementIndex, tuple[set[str], set[str]], int]:
+    def _plan_partial(self, snapshot: ProxySnapshot, changes: Changes, ctx: r.Context) -> Plan:
         fam = ctx.family
         t = f"{ctx.f} {r.TABLE}"
         index = self.index[fam]
@@ -178,30 +206,38 @@ class NftablesDataPlane(DataPlane):
             new = r.render_service(sp, snapshot.endpoints.get(spn, ()), ctx) if sp is not None else None
             index.replace(spn, new if new is not None and (new.elements or new.chains) else None, delta)
         chains, sets = index.live_chains(), index.live_sets()
+        plan = Plan(index, chains, sets)
         old_chains, old_sets = self.kernel_chains[fam], self.kernel_sets[fam]
-        lines: list[str] = [r.dynamic_set_declaration(s, fam) for s in sorted(sets - old_sets)]
+        pre = plan.pre
+        pre.extend(r.dynamic_set_declaration(s, fam) for s in sorted(sets - old_sets))
         for chain in sorted(chains - old_chains, key=_slot_first):
-            lines.append(f"add chain {t} {chain}")
-            lines.extend(f"add rule {t} {chain} {rule}" for rule in r.chain_rules(chain, ctx))
-        n = 0
+            pre.append(f"add chain {t} {chain}")
+            pre.extend(f"add rule {t} {chain} {rule}" for rule in r.chain_rules(chain, ctx))
+        going = old_sets - sets
         for s, keys in delta.deletes.items():
-            if s in old_sets - sets:
+            if s in going:
                 continue  # the whole map goes
-            n += len(keys)
-            items = list(keys)
-            for i in range(0, len(items), CHUNK):
-                lines.append(f"delete element {t} {s} {{ {', '.join(items[i:i + CHUNK])} }}")
+            plan.elements += len(keys)
+            if s in TEXT_SETS:
+                pre.append(f"delete element {t} {s} {{ {', '.join(sorted(keys))} }}")
+            else:
+                plan.ops.append(("delete", s, sorted(keys)))
         for s, adds in delta.adds.items():
-            n += len(adds)
-            _add_elements(lines, t, s, adds.items(), len(adds))
-        stale_chains = old_chains - chains
-        for chain in sorted(stale_chains):
-            lines.append(f"flush chain {t} {chain}")
-        for chain in sorted(stale_chains):
-            lines.append(f"delete chain {t} {chain}")
-        for s in sorted(old_sets - sets):
-            lines.append(f"delete {'set' if s.startswith('aff-') else 'map'} {t} {s}")
-        return ("\n".join(lines) + "\n") if lines else "", index, (chains, sets), n
+            plan.elements += len(adds)
+            if s in TEXT_SETS:
+                _add_elements(pre, t, s, adds.items())
+            else:
+                plan.ops.append(("add", s, list(adds.items())))
+        self._removals(plan, t, old_chains, old_sets)
+        return plan
+
+    @staticmethod
+    def _removals(plan: Plan, t: str, old_chains: set[str], old_sets: set[str]) -> None:
+        stale = sorted(old_chains - plan.chains)
+        plan.post.extend(f"flush chain {t} {c}" for c in stale)
+        plan.post.extend(f"delete chain {t} {c}" for c in stale)
+        plan.post.extend(f"delete {'set' if s.startswith('aff-') else 'map'} {t} {s}"
+                         for s in sorted(old_sets - plan.sets))
 
     def _kernel_dynamic(self, fam: int) -> tuple[set[str], set[str]]:
         """Selection/slot chains and per-slot sets in the kernel table (lists names only, no elements)."""
@@ -248,7 +284,22 @@ class NftablesDataPlane(DataPlane):
         return out
 
 
-_SETS = (r.FW_IPS, r.FW_ALLOW, r.HAIRPIN)
+# sets written with nft (interval elements the netlink path does not encode; small anyway)
+TEXT_SETS = (r.FW_IPS, r.FW_ALLOW)
+Op = tuple[str, str] | tuple[str, str, list[str]] | tuple[str, str, list[tuple[str, str]]]
+
+
+@dataclass(slots=True)
+class Plan:
+    """One family's sync: nft structure changes, one element transaction, then nft removals."""
+
+    index: ElementIndex
+    chains: set[str]
+    sets: set[str]
+    pre: list[str] = field(default_factory=list)
+    ops: list[Op] = field(default_factory=list)
+    post: list[str] = field(default_factory=list)
+    elements: int = 0
 
 
 def _slot_first(chain: str) -> tuple[int, str]:
@@ -256,9 +307,25 @@ def _slot_first(chain: str) -> tuple[int, str]:
     return (0 if r.parse_slot_chain(chain) is not None else 1, chain)
 
 
-def _add_elements(lines: list[str], t: str, s: str, items: Iterable[tuple[str, str]], count: int) -> None:
-    if not count:
-        return
+def _is_set(name: str) -> bool:
+    return name in (r.FW_IPS, r.FW_ALLOW, r.HAIRPIN) or name.startswith("aff-")
+
+
+def _ops_text(t: str, ops: list[Op]) -> list[str]:
+    out: list[str] = []
+    for op in ops:
+        if op[0] == "flush":
+            out.append(f"flush {'set' if _is_set(op[1]) else 'map'} {t} {op[1]}")
+        elif op[0] == "delete":
+            keys = op[2]  # type: ignore[misc]
+            for i in range(0, len(keys), CHUNK):
+                out.append(f"delete element {t} {op[1]} {{ {', '.join(keys[i:i + CHUNK])} }}")  # type: ignore[arg-type]
+        else:
+            _add_elements(out, t, op[1], op[2])  # type: ignore[misc]
+    return out
+
+
+def _add_elements(lines: list[str], t: str, s: str, items: Iterable[tuple[str, str]]) -> None:
     chunk: list[str] = []
     for k, v in items:
         chunk.append(k + v)

@@ -36,6 +36,7 @@ Selection-chain kinds (the masquerade decision is kube-proxy's):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from ...model import family_of
@@ -306,6 +307,21 @@ class ServiceElements:
         return sum(map(len, self.elements.values()))
 
 
+@functools.cache
+def _ep_names(amap: str, n: int) -> tuple[str, ...]:
+    return tuple(ep_map(amap, k) for k in range(n))
+
+
+@functools.cache
+def _slot_chains(amap: str, timeout: int, n: int) -> tuple[str, ...]:
+    return tuple(slot_chain(k, timeout, amap) for k in range(n))
+
+
+@functools.cache
+def _aff_names(n: int) -> tuple[str, ...]:
+    return tuple(aff_set(k) for k in range(n))
+
+
 def _comment(spn: str, kind: str) -> str:
     """An element comment naming the service port (nft limits comments to 128 bytes)."""
     text = f"{spn} {kind}"
@@ -327,7 +343,8 @@ def render_service(sp: ServicePort, eps: tuple[EndpointInfo, ...], ctx: Context)
     cluster_ip = sp.cluster_ip(fam)
     if cluster_ip is None:
         return out
-    fam_eps = tuple(e for e in eps if e.family == fam)
+    v6 = fam == 6
+    fam_eps = tuple(e for e in eps if (":" in e.ip) == v6)
     cat = categorize(sp, fam_eps, ctx.node_zone)
     spn = str(sp.spn)
     proto = sp.protocol.lower()
@@ -343,24 +360,30 @@ def render_service(sp: ServicePort, eps: tuple[EndpointInfo, ...], ctx: Context)
         "external": sp.external_local and sp.has_external and not cat.external and bool(fam_eps),
     }
     hairpin: set[str] = set()
+    elements = out.elements
+    t = sp.affinity_timeout
 
     def frontend(verdict_map: str, kind: str, key: str, chosen: tuple[EndpointInfo, ...], comment: str) -> None:
         n = len(chosen)
         if not n:
             return
-        t = sp.affinity_timeout
         chain = sel_chain(kind, n, t)
         out.chains.add(chain)
         out.add(verdict_map, key, f"{comment} : goto {chain}")
         amap = KIND_MAP[kind]
-        for i, ep in enumerate(chosen):
-            hairpin.add(ep.ip)
-            name = ep_map(amap, i)
-            out.sets.add(name)
-            out.chains.add(slot_chain(i, t, amap))
-            if t:
-                out.sets.add(aff_set(i))
-            out.add(name, key, f" : {ep.ip} . {ep.port}")
+        names = _ep_names(amap, n)
+        out.sets.update(names)
+        out.chains.update(_slot_chains(amap, t, n))
+        if t:
+            out.sets.update(_aff_names(n))
+        for name, ep in zip(names, chosen, strict=True):
+            # hairpin (a pod reaching itself) is only possible for endpoints on this node
+            if ep.is_local or not ep.node_name:
+                hairpin.add(ep.ip)
+            d = elements.get(name)
+            if d is None:
+                d = elements[name] = {}
+            d[key] = f" : {ep.ip} . {ep.port}"
 
     # ClusterIP
     key = f"{cluster_ip} . {proto} . {port}"

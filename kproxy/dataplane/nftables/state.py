@@ -1,9 +1,12 @@
 """What kproxy has committed to one family's table, kept in memory so a sync never lists the kernel.
 
-Every service port *claims* elements; a key claimed by several service ports (a shared hairpin entry,
-or an invalid duplicate VIP:port) stays in the kernel while any claim remains, with the value of the
-first claimant. :meth:`ElementIndex.replace` swaps one service port's claims and records which keys
-changed, so a partial sync sends exactly the changed elements.
+Every service port *claims* elements. Keys of the shared sets (``hairpin``: one pod IP serves several
+service ports) are reference-counted. In the maps a key normally has one claimant (a frontend belongs to
+one service port); an invalid duplicate (two Services on the same VIP:port) is tracked in ``shadow``: the
+element stays while any claim remains, with the value of the lowest-named claimant.
+
+:meth:`ElementIndex.load` bulk-claims at C speed (full syncs); :meth:`ElementIndex.replace` swaps one
+service port's claims and records exactly which elements changed (partial syncs).
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ...snapshot import ServicePortName
-from .render import DATA_SETS, ServiceElements
+from .render import DATA_SETS, HAIRPIN, ServiceElements
 
 Owner = ServicePortName
+REFCOUNTED = frozenset({HAIRPIN})
 
 
 @dataclass(slots=True)
@@ -31,98 +35,134 @@ class Delta:
 class ElementIndex:
     def __init__(self) -> None:
         self.by_owner: dict[Owner, ServiceElements] = {}
-        # set → key → (owner, tail) of the claim in force; extra claims live in ``shadow``
-        self.current: dict[str, dict[str, tuple[Owner, str]]] = {s: {} for s in DATA_SETS}
-        self.shadow: dict[tuple[str, str], dict[Owner, str]] = {}
+        self.current: dict[str, dict[str, str]] = {s: {} for s in DATA_SETS}  # what the kernel holds
+        self.refs: dict[str, Counter[str]] = {s: Counter() for s in REFCOUNTED}
+        self.shadow: dict[tuple[str, str], dict[Owner, str]] = {}  # every claim of a contested map key
         self.chains: Counter[str] = Counter()
         self.sets: Counter[str] = Counter()
+        # holder of every key of a set that saw a collision during bulk loading (built on demand)
+        self._rev: dict[str, dict[str, Owner]] = {}
 
-    def snapshot_sets(self) -> dict[str, dict[str, str]]:
-        return {s: {k: v[1] for k, v in d.items()} for s, d in self.current.items()}
-
-    def replace(self, owner: Owner, new: ServiceElements | None, delta: Delta) -> None:
-        """Swap ``owner``'s claims for ``new`` (None = drop them) and record kernel changes in ``delta``."""
-        old = self.by_owner.pop(owner, None)
-        if old is not None and new is not None and old.elements == new.elements:
-            self.by_owner[owner] = new
-            self.chains.update(new.chains)
-            self.chains.subtract(old.chains)
-            self.sets.update(new.sets)
-            self.sets.subtract(old.sets)
-            return
-        touched: dict[str, dict[str, str | None]] = {}  # set → key → kernel tail before (None = absent)
-        if old is not None:
-            for s, elems in old.elements.items():
-                cur = self.current.setdefault(s, {})
-                t = touched.setdefault(s, {})
-                for k in elems:
-                    if k not in t:
-                        c = cur.get(k)
-                        t[k] = c[1] if c is not None else None
-                    self._unclaim(s, k, owner)
-            self.chains.subtract(old.chains)
-            self.sets.subtract(old.sets)
-        if new is not None:
-            self.by_owner[owner] = new
-            for s, elems in new.elements.items():
-                cur = self.current.setdefault(s, {})
-                t = touched.setdefault(s, {})
-                for k, v in elems.items():
-                    if k not in t:
-                        c = cur.get(k)
-                        t[k] = c[1] if c is not None else None
-                    self._claim(s, k, owner, v)
-            self.chains.update(new.chains)
-            self.sets.update(new.sets)
-        for s, keys in touched.items():
-            cur = self.current[s]
-            for k, before in keys.items():
-                c = cur.get(k)
-                after = c[1] if c is not None else None
-                if before == after:
-                    continue
-                if before is not None:
-                    delta.deletes.setdefault(s, set()).add(k)
-                if after is not None:
-                    delta.adds.setdefault(s, {})[k] = after
-
+    # ---- bulk ------------------------------------------------------------------------------------
     def load(self, owner: Owner, new: ServiceElements) -> None:
         """Claim ``new`` for an owner not yet in the index (full syncs build a fresh index this way)."""
         self.by_owner[owner] = new
         for s, elems in new.elements.items():
-            cur = self.current.setdefault(s, {})
+            cur = self.current.get(s)
+            if cur is None:
+                cur = self.current[s] = {}
+            if s in REFCOUNTED:
+                cur.update(elems)
+                self.refs[s].update(elems.keys())
+                continue
+            rev = self._rev.get(s)
+            if cur.keys().isdisjoint(elems):
+                cur.update(elems)
+                if rev is not None:
+                    rev.update(dict.fromkeys(elems, owner))
+                continue
+            if rev is None:
+                rev = self._rev[s] = {}
+                for o, se in self.by_owner.items():
+                    if o != owner:
+                        rev.update(dict.fromkeys(se.elements.get(s, ()), o))
             for k, v in elems.items():
-                if k in cur and cur[k][0] != owner:
-                    self.shadow.setdefault((s, k), {})[owner] = v
+                first = rev.get(k)
+                if first is None or first == owner:
+                    cur[k] = v  # not contested (the holder map knows every key of this set)
                 else:
-                    cur[k] = (owner, v)
+                    self._claim(s, k, owner, v, first)
+                rev.setdefault(k, owner)
         self.chains.update(new.chains)
         self.sets.update(new.sets)
 
-    def _claim(self, s: str, k: str, owner: Owner, v: str) -> None:
+    def end_load(self) -> None:
+        self._rev.clear()
+
+    # ---- incremental ---------------------------------------------------------------------------------
+    def replace(self, owner: Owner, new: ServiceElements | None, delta: Delta) -> None:
+        """Swap ``owner``'s claims for ``new`` (None = drop them) and record kernel changes in ``delta``."""
+        old = self.by_owner.pop(owner, None)
+        if new is not None:
+            self.by_owner[owner] = new
+            self.chains.update(new.chains)
+            self.sets.update(new.sets)
+        if old is not None:
+            self.chains.subtract(old.chains)
+            self.sets.subtract(old.sets)
+        if old is not None and new is not None and old.elements == new.elements:
+            return
+        old_e = old.elements if old is not None else {}
+        new_e = new.elements if new is not None else {}
+        for s in old_e.keys() | new_e.keys():
+            before = old_e.get(s, {})
+            after = new_e.get(s, {})
+            cur = self.current.get(s)
+            if cur is None:
+                cur = self.current[s] = {}
+            for k in before.keys() | after.keys():
+                prev = cur.get(k)
+                if k in before:
+                    self._unclaim(s, k, owner)
+                if k in after:
+                    self._claim(s, k, owner, after[k])
+                now = cur.get(k)
+                if prev == now:
+                    continue
+                if prev is not None:
+                    delta.deletes.setdefault(s, set()).add(k)
+                if now is not None:
+                    delta.adds.setdefault(s, {})[k] = now
+
+    def _first_claimant(self, s: str, k: str, owner: Owner) -> Owner | None:
+        """Another holder of a map key that has no shadow entry yet (rare: a duplicate frontend)."""
+        for o, se in self.by_owner.items():
+            if o != owner and k in se.elements.get(s, ()):
+                return o
+        return None
+
+    def _claim(self, s: str, k: str, owner: Owner, v: str, first: Owner | None = None) -> None:
         cur = self.current[s]
-        c = cur.get(k)
-        if c is None or c[0] == owner:
-            cur[k] = (owner, v)
-        else:
-            self.shadow.setdefault((s, k), {})[owner] = v
+        if s in REFCOUNTED:
+            self.refs[s][k] += 1
+            cur[k] = v
+            return
+        sh = self.shadow.get((s, k))
+        if sh is not None:
+            sh[owner] = v
+            cur[k] = sh[min(sh)]
+            return
+        if k not in cur:
+            cur[k] = v
+            return
+        if first is None or first == owner:
+            first = self._first_claimant(s, k, owner)
+        if first is None:
+            cur[k] = v
+            return
+        sh = self.shadow[(s, k)] = {first: cur[k], owner: v}
+        cur[k] = sh[min(sh)]
 
     def _unclaim(self, s: str, k: str, owner: Owner) -> None:
         cur = self.current[s]
-        c = cur.get(k)
+        if s in REFCOUNTED:
+            refs = self.refs[s]
+            refs[k] -= 1
+            if refs[k] <= 0:
+                del refs[k]
+                cur.pop(k, None)
+            return
         sh = self.shadow.get((s, k))
-        if c is not None and c[0] == owner:
-            if sh:
-                nxt = min(sh)
-                cur[k] = (nxt, sh.pop(nxt))
-                if not sh:
-                    del self.shadow[(s, k)]
-            else:
-                del cur[k]
-        elif sh is not None:
-            sh.pop(owner, None)
-            if not sh:
-                del self.shadow[(s, k)]
+        if sh is None:
+            cur.pop(k, None)
+            return
+        sh.pop(owner, None)
+        if len(sh) <= 1:
+            del self.shadow[(s, k)]
+        if sh:
+            cur[k] = sh[min(sh)]
+        else:
+            cur.pop(k, None)
 
     def live_chains(self) -> set[str]:
         return {c for c, n in self.chains.items() if n > 0}
