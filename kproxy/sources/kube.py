@@ -5,7 +5,8 @@ This is client-go's reflector, reduced to what kproxy needs and tuned for 100k e
 - **Transport and auth** come from the ``kubernetes`` package (``load_kube_config`` /
   ``load_incluster_config``, its urllib3 pool manager with the client certificates, bearer tokens with
   their refresh hooks, proxies). The JSON is parsed here with :func:`json.loads` (orjson when installed)
-  and the plain dicts go to the store: the generated client models cost ~100x more at this scale.
+  and the plain dicts go to the store: the generated client models are far too slow at this scale.
+  Connections get TCP keepalive like client-go's dialer, so a dead peer under an idle watch is noticed.
 - **List**: paginated (``limit=500`` + ``continue``) so 100k endpoints never become one giant response.
   The first list asks for the most recent state (``resourceVersion`` unset: a consistent read, served
   from the watch cache on 1.31+). A relist after a 410 asks for ``resourceVersion=<last seen>`` with
