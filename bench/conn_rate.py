@@ -55,6 +55,7 @@ C_SOURCE = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -150,8 +151,12 @@ int main(int argc, char **argv) {
     double took = now() - start;
     if (rr) close(s);
     qsort(lat, n, sizeof(double), cmp);
-    printf("{\"count\": %zu, \"seconds\": %.4f, \"rate\": %.1f, \"p50_us\": %.2f, \"p99_us\": %.2f, \"errors\": %ld}\n",
-           n, took, n / took, n ? lat[n / 2] * 1e6 : 0, n ? lat[(size_t)(n * 0.99)] * 1e6 : 0, errors);
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double cpu = ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1e-6;
+    printf("{\"count\": %zu, \"seconds\": %.4f, \"rate\": %.1f, \"p50_us\": %.2f, \"p99_us\": %.2f, "
+           "\"cpu_us\": %.2f, \"errors\": %ld}\n", n, took, n / took, n ? lat[n / 2] * 1e6 : 0,
+           n ? lat[(size_t)(n * 0.99)] * 1e6 : 0, n ? cpu * 1e6 / n : 0, errors);
     return 0;
 }
 """
@@ -262,9 +267,10 @@ def main() -> int:
 
             def measure(label: str, mode: str, size: int, through_vip: bool) -> None:
                 """Alternate VIP and direct samples (order flipped each round) so both see the same load."""
-                res: dict[str, list[float]] = {k: [] for k in ("conn", "p50", "p99", "rr_p50", "rr_p99")}
-                dres: dict[str, list[float]] = {k: [] for k in ("conn", "p50", "p99", "rr_p50", "rr_p99")}
-                ratios: dict[str, list[float]] = {"conn": [], "rr_p50": []}
+                keys = ("conn", "p50", "p99", "cpu", "rr_p50", "rr_p99")
+                res: dict[str, list[float]] = {k: [] for k in keys}
+                dres: dict[str, list[float]] = {k: [] for k in keys}
+                ratios: dict[str, list[float]] = {"conn": [], "p50": [], "cpu": [], "rr_p50": []}
                 errors = 0
                 run_client(tool, cgroup, topo.client, "conn", pod.ip, POD_PORT, 0.3)  # warm up
                 for i in range(a.rounds):
@@ -279,11 +285,13 @@ def main() -> int:
                         out["conn"].append(c["rate"])
                         out["p50"].append(c["p50_us"])
                         out["p99"].append(c["p99_us"])
+                        out["cpu"].append(c["cpu_us"])
                         out["rr_p50"].append(r["p50_us"])
                         out["rr_p99"].append(r["p99_us"])
                         errors += c["errors"] + r["errors"]
                     if through_vip:
-                        ratios["conn"].append(res["conn"][-1] / dres["conn"][-1])
+                        for k in ("conn", "p50", "cpu"):
+                            ratios[k].append(res[k][-1] / dres[k][-1])
                         ratios["rr_p50"].append(res["rr_p50"][-1] / dres["rr_p50"][-1])
                 row = {"label": label, "mode": mode, "size": size, "vip": res if through_vip else None,
                        "direct": dres, "ratios": ratios, "errors": errors, "iperf": {}}
@@ -348,23 +356,26 @@ def render(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
         f"{' --iperf' if a.iperf else ''}` on {os.cpu_count()} cores ({cpu}), kernel {os.uname().release}, "
         f"load average at the end {' '.join(load)}; iptables back end: {a.iptables_backend}. Single-threaded C "
         "client in the client pod's namespace (and the socket-LB cgroup), C server in pod0; new conn/s = "
-        "connect + 64 B request/response + close; req = 64 B round trip on a kept-alive connection. "
+        "connect + 64 B request/response + close (client CPU = its user+system time per connection, which "
+        "includes the in-line veth/softirq work and is the least sensitive to other load on the machine); req = "
+        "64 B round trip on a kept-alive connection. "
         "Median [min-max] over the rounds. *VIP/direct* is the median of per-round ratios, the VIP and the "
         "direct sample of a round taken back to back (order alternating) under the same daemon state and load.",
         "",
-        "| setup | path | new conn/s | VIP/direct conn/s | conn p50 µs | conn p99 µs | req p50 µs | "
-        "VIP/direct req p50 | req p99 µs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setup | path | new conn/s | VIP/direct | conn p50 µs | VIP/direct | client CPU µs/conn | VIP/direct "
+        "| conn p99 µs | req p50 µs | VIP/direct | req p99 µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for path, d in (("VIP", r["vip"]), ("direct", r["direct"])):
             if d is None:
                 continue
-            rc = rl = "-"
+            rt = {k: "-" for k in ("conn", "p50", "cpu", "rr_p50")}
             if path == "VIP":
-                rc, rl = fmt(r["ratios"]["conn"], 3), fmt(r["ratios"]["rr_p50"], 3)
-            lines.append(f"| {r['label']} | {path} | {fmt(d['conn'])} | {rc} | {fmt(d['p50'], 1)} | "
-                         f"{fmt(d['p99'], 1)} | {fmt(d['rr_p50'], 1)} | {rl} | {fmt(d['rr_p99'], 1)} |")
+                rt = {k: fmt(v, 3) for k, v in r["ratios"].items()}
+            lines.append(f"| {r['label']} | {path} | {fmt(d['conn'])} | {rt['conn']} | {fmt(d['p50'], 1)} | "
+                         f"{rt['p50']} | {fmt(d['cpu'], 1)} | {rt['cpu']} | {fmt(d['p99'], 0)} | "
+                         f"{fmt(d['rr_p50'], 1)} | {rt['rr_p50']} | {fmt(d['rr_p99'], 0)} |")
     errors = sum(r.get("errors", 0) for r in rows)
     lines += ["", f"Client errors over the whole run: {errors}."]
     if any(r["iperf"] for r in rows):
