@@ -39,7 +39,7 @@ TCP_IDLE_TIMEOUT = 10.0
 
 
 def parse_hostport(value: str, default_port: int = 53) -> tuple[str, int]:
-    """"1.2.3.4", "1.2.3.4:53", "[fd00::1]:53", "fd00::1" → (host, port)."""
+    """"1.2.3.4", "1.2.3.4:53", "[fd00::1]:53", "fd00::1" → (host, port); ValueError otherwise."""
     v = value.strip()
     if v.startswith("["):
         host, _, rest = v[1:].partition("]")
@@ -49,9 +49,12 @@ def parse_hostport(value: str, default_port: int = 53) -> tuple[str, int]:
         port = int(p)
     else:
         host, port = v, default_port
-    socket.getaddrinfo(host, port, proto=socket.IPPROTO_UDP, flags=socket.AI_NUMERICHOST)
     if not 0 <= port <= 65535:
         raise ValueError(f"port out of range in {value!r}")
+    try:
+        socket.getaddrinfo(host, port, proto=socket.IPPROTO_UDP, flags=socket.AI_NUMERICHOST)
+    except OSError:
+        raise ValueError(f"not an IP address: {value!r}") from None
     return host, port
 
 
