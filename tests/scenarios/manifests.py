@@ -124,6 +124,19 @@ def endpoint_slice(service_name: str, endpoints: Iterable[dict[str, Any]], ports
     }
 
 
+def node(name: str, *, zone: str | None = None, addresses: Sequence[str] = (), pod_cidrs: Sequence[str] = (),
+         labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """A v1 Node (kproxy reads its zone label for topology hints, its addresses and podCIDRs)."""
+    lab = dict(labels or {})
+    if zone:
+        lab["topology.kubernetes.io/zone"] = zone
+    spec: dict[str, Any] = {}
+    if pod_cidrs:
+        spec = {"podCIDR": pod_cidrs[0], "podCIDRs": list(pod_cidrs)}
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": lab}, "spec": spec,
+            "status": {"addresses": [{"type": "InternalIP", "address": a} for a in addresses]}}
+
+
 def ipv6_of(ipv4: str) -> str:
     """The topology's pod IPv6 address mirroring a pod IPv4 address (10.244.1.N → fd00:10:244:1::N hex)."""
     last = int(ipv4.rsplit(".", 1)[1])

@@ -159,3 +159,24 @@ def test_external_local_terminating_fallback(sc: Scenario) -> None:
                               [m.slice_port(HTTP_PORT, name="p")]))
     p = sc.http(sc.topo.ext, NODE_EXT_IP, np, n=30)
     assert p.counts == {"pod0": 30}, f"the local terminating endpoint must keep serving external traffic: {p}"
+
+
+@pytest.mark.feature("topology_hints")
+def test_topology_aware_hints(sc: Scenario) -> None:
+    """Endpoints hinted for this node's zone are preferred; without usable hints every endpoint is used."""
+    vip = sc.vip()
+    sc.apply("node", m.node("node-a", zone="zone-a", addresses=[NODE_EXT_IP]), wait=False)
+    hinted = [m.endpoint(sc.ip("pod0"), zone="zone-a", hints=["zone-a"]),
+              m.endpoint(sc.ip("pod1"), zone="zone-b", hints=["zone-b"]),
+              m.endpoint(sc.ip("pod2"), zone="zone-b", hints=["zone-b"])]
+    sc.apply("topo", m.service("topo", vip, [m.port(80, HTTP_PORT, name="p")]),
+             m.endpoint_slice("topo", hinted, [m.slice_port(HTTP_PORT, name="p")]))
+    p = sc.http(sc.topo.client, vip, 80, n=60)
+    assert p.counts == {"pod0": 60}, f"only the endpoint hinted for zone-a should be used: {p}"
+
+    # one ready endpoint without hints: kube-proxy ignores hints altogether
+    hinted[2] = m.endpoint(sc.ip("pod2"), zone="zone-b")
+    sc.apply("topo", m.service("topo", vip, [m.port(80, HTTP_PORT, name="p")]),
+             m.endpoint_slice("topo", hinted, [m.slice_port(HTTP_PORT, name="p")]))
+    p = sc.http(sc.topo.client, vip, 80, n=150)
+    assert_fair(p, sc.pods, 150)
