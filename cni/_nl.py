@@ -72,23 +72,48 @@ def _load() -> Any:
     return _msgs
 
 
-_libc: Any = None
+_setns: Any = None
+
+
+def _libc_setns() -> Any:
+    """libc's setns(2) through the ``_ctypes`` C module.
+
+    ``import ctypes`` costs 5-20 ms (it builds the whole type zoo); one function pointer needs none of it.
+    Falls back to ctypes proper should the private API ever differ.
+    """
+    try:
+        import _ctypes
+
+        class _Int(_ctypes._SimpleCData):  # what ctypes.c_int is
+            _type_ = "i"
+
+        class _Fn(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+            _restype_ = _Int
+            _argtypes_ = (_Int, _Int)
+
+        class _Lib:
+            _handle = _ctypes.dlopen(None, 0)
+
+        fn = _Fn(("setns", _Lib()))
+        return lambda fd, nstype: (fn(fd, nstype), _ctypes.get_errno())
+    except Exception:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return lambda fd, nstype: (libc.setns(fd, nstype), ctypes.get_errno())
 
 
 def setns(fd: int) -> None:
     """Move this (single-threaded) process into the network namespace open at ``fd``."""
-    global _libc
+    global _setns
     if hasattr(os, "setns"):  # Python >= 3.12
         os.setns(fd, CLONE_NEWNET)
         return
-    if _libc is None:
-        import ctypes
-
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        import ctypes
-
-        err = ctypes.get_errno()
+    if _setns is None:
+        _setns = _libc_setns()
+    rc, err = _setns(fd, CLONE_NEWNET)
+    if rc != 0:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
