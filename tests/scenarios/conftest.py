@@ -5,9 +5,9 @@ To add a mode, append ``(mode, [extra daemon flags])`` to :data:`MODES`; list wh
 dump its kernel state in :data:`STATE` (used by the cleanup test and attached to failure reports).
 
 Features (marker names): clusterip, udp, ipv6, nodeport, nodeport_ipv6, nodeport_addresses, external_ips,
-lb_ips, session_affinity, etp_local, health_check_node_port, itp_local, terminating_fallback, masquerade,
-masquerade_all, hairpin, reject_no_endpoints, udp_conntrack, sctp, bad_input, restart, cleanup, status,
-scale_down.
+lb_ips, lb_source_ranges, session_affinity, etp_local, health_check_node_port, itp_local, terminating_fallback,
+topology_hints, masquerade, masquerade_all, hairpin, reject_no_endpoints, udp_conntrack, sctp, bad_input, restart,
+cleanup, status, metrics, scale_down.
 
 Fixture scopes: ``proxy_mode`` is session-scoped (the run is grouped mode by mode); ``scenario`` (a Topology
 plus a daemon) is module-scoped, so each test module pays ~1.5 s of setup per mode; ``sc`` is per test and
@@ -32,6 +32,8 @@ MODES: list[tuple[str, list[str]]] = [
     ("iptables", ["--iptables-backend", "nft"]),
     ("nftables", []),
 ]
+
+TEST_TIMEOUT = 180  # seconds per test (setup of the module's topology included)
 
 # mode → {feature: reason it is not supported}
 UNSUPPORTED: dict[str, dict[str, str]] = {
@@ -71,6 +73,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if not root:
             item.add_marker(pytest.mark.skip(reason="scenario tests need root (network namespaces)"))
             continue
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TEST_TIMEOUT))  # a wedged daemon must not hang CI
         spec = getattr(item, "callspec", None) and item.callspec.params.get("proxy_mode")
         if not isinstance(spec, ModeSpec):
             continue
