@@ -203,7 +203,8 @@ class NftablesDataPlane(DataPlane):
         delta = Delta()
         for spn in sorted(changes.changed | changes.removed):
             sp = snapshot.services.get(spn)
-            new = r.render_service(sp, snapshot.endpoints.get(spn, ()), ctx) if sp is not None else None
+            new = (r.render_service(sp, snapshot.endpoints.get(spn, ()), ctx, index.by_owner.get(spn))
+                   if sp is not None else None)
             index.replace(spn, new if new is not None and (new.elements or new.chains) else None, delta)
         chains, sets = index.live_chains(), index.live_sets()
         plan = Plan(index, chains, sets)

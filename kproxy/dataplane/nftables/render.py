@@ -336,8 +336,33 @@ def cluster_wide(sp: ServicePort, eps: tuple[EndpointInfo, ...], zone: str) -> t
     return categorize(plain, eps, zone).internal
 
 
-def render_service(sp: ServicePort, eps: tuple[EndpointInfo, ...], ctx: Context) -> ServiceElements:
-    """The map elements of one service port for ``ctx.family`` (``eps`` may hold both families)."""
+def stable_order(chosen: tuple[EndpointInfo, ...], previous: list[str]) -> tuple[EndpointInfo, ...]:
+    """Keep every endpoint that survives in its previous slot; new endpoints fill the freed slots.
+
+    ``previous`` holds the endpoint values (``"ip . port"``) of slots 0..M-1 before the change. A
+    one-endpoint change then rewrites one or two slots instead of shifting all of them, and ClientIP
+    affinity entries (which remember a slot) keep pointing at the same endpoint.
+    """
+    n = len(chosen)
+    by_value = {f"{ep.ip} . {ep.port}": ep for ep in chosen}
+    slots: list[EndpointInfo | None] = [None] * n
+    placed: set[str] = set()
+    for k, value in enumerate(previous[:n]):
+        ep = by_value.get(value)
+        if ep is not None and value not in placed:
+            slots[k] = ep
+            placed.add(value)
+    # new endpoints, and survivors whose slot is now >= n, fill the holes
+    rest = iter(ep for v, ep in by_value.items() if v not in placed)
+    return tuple(s if s is not None else next(rest) for s in slots)
+
+
+def render_service(sp: ServicePort, eps: tuple[EndpointInfo, ...], ctx: Context,
+                   previous: ServiceElements | None = None) -> ServiceElements:
+    """The map elements of one service port for ``ctx.family`` (``eps`` may hold both families).
+
+    With ``previous`` (what this service port rendered before), surviving endpoints keep their slots.
+    """
     fam = ctx.family
     out = ServiceElements()
     cluster_ip = sp.cluster_ip(fam)
@@ -372,6 +397,15 @@ def render_service(sp: ServicePort, eps: tuple[EndpointInfo, ...], ctx: Context)
         out.add(verdict_map, key, f"{comment} : goto {chain}")
         amap = KIND_MAP[kind]
         names = _ep_names(amap, n)
+        if previous is not None:
+            before: list[str] = []
+            for name in _ep_names(amap, 64 if n < 64 else 2 * n):
+                v = previous.elements.get(name, {}).get(key)
+                if v is None:
+                    break
+                before.append(v[3:])
+            if before:
+                chosen = stable_order(chosen, before)
         out.sets.update(names)
         out.chains.update(_slot_chains(amap, t, n))
         if t:
