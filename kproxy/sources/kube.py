@@ -328,12 +328,16 @@ class KubeSource:
         self._pool = self._api_client.rest_client.pool_manager
 
     # ---- HTTP -----------------------------------------------------------------------------------------
-    def request(self, path: str, params: dict[str, str], read_timeout: float) -> Any:
+    def request(self, path: str, params: dict[str, str], read_timeout: float, gzip: bool = False) -> Any:
         """GET with auth, streaming; returns the urllib3 response (status not checked)."""
         self._limiter.acquire(self._stop)
         if self._stop.is_set():
             raise _Stopped
         headers = {"Accept": "application/json", "User-Agent": "kproxy"}
+        if gzip:
+            # Like client-go: the apiserver gzips responses over 128 KiB (list pages of a big cluster are
+            # ~1 MB of JSON each; x thousands of nodes on a relist); urllib3 decodes transparently.
+            headers["Accept-Encoding"] = "gzip"
         # auth_settings() runs the configuration's refresh hook (exec plugins, rotated in-cluster tokens),
         # which rewrites the shared configuration: one thread at a time.
         with self._auth_lock:
@@ -560,7 +564,7 @@ class _Reflector:
                 params["resourceVersionMatch"] = "NotOlderThan"
             if self.res.field_selector:
                 params["fieldSelector"] = self.res.field_selector
-            resp = src.request(self.res.path, params, LIST_READ_TIMEOUT)
+            resp = src.request(self.res.path, params, LIST_READ_TIMEOUT, gzip=True)
             try:
                 body = resp.read()
             except BaseException:

@@ -18,6 +18,7 @@ on 127.0.0.1:<free port>:
   event with a 410 Expired Status (what the etcd-backed watch does), or an HTTP 410 status with
   ``gone_as_http_status``.
 - ``fieldSelector=metadata.name=<x>`` (the only field selector supported; anything else is a 400).
+- gzip ``Content-Encoding`` for list responses over 128 KiB when the client sends ``Accept-Encoding: gzip``.
 
 Test controls (thread-safe): :meth:`create`/:meth:`update`/:meth:`upsert`/:meth:`delete`/:meth:`load`
 change objects and record history; :meth:`bookmark` makes every bookmark-enabled watch send a BOOKMARK;
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import gzip
 import json
 import select
 import socket
@@ -55,6 +57,7 @@ RESOURCES: dict[str, tuple[str, str, str, bool]] = {
     "/apis/discovery.k8s.io/v1/endpointslices": ("endpointslices", "EndpointSlice", "discovery.k8s.io/v1", True),
     "/api/v1/nodes": ("nodes", "Node", "v1", False),
 }
+GZIP_MIN = 128 * 1024  # kube-apiserver compresses responses above 128 KiB for clients that accept gzip
 _BY_RESOURCE = {v[0]: (path, *v[1:]) for path, v in RESOURCES.items()}
 
 Key = tuple[str, str]
@@ -121,6 +124,7 @@ class FakeApiServer:
         self._drop_epoch = 0
         self._drop_partial = False
         self.active_watches = 0
+        self.gzipped_responses = 0
         self.port = 0
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -407,7 +411,13 @@ class _Handler(BaseHTTPRequestHandler):
                 meta["continue"] = base64.urlsafe_b64encode(_dumps({"s": sid, "o": next_offset})).decode()
         body = b'{"kind":"%s","apiVersion":"%s","metadata":%s,"items":[%s]}' % (
             kind.encode() + b"List", api_version.encode(), _dumps(meta), b",".join(page))
-        self._send_json(200, body)
+        extra = None
+        if len(body) > GZIP_MIN and "gzip" in (self.headers.get("Accept-Encoding") or ""):
+            body = gzip.compress(body, compresslevel=1)
+            extra = {"Content-Encoding": "gzip"}
+            with fake.cond:
+                fake.gzipped_responses += 1
+        self._send_json(200, body, extra)
         if fake.after_list_page is not None:
             fake.after_list_page(resource, params)
 

@@ -44,6 +44,7 @@ def test_list_100k_endpoints(fake, run_source, capsys):
     assert sum(len(s.endpoints) for s in store.slices.values()) == N_SERVICES * ENDPOINTS_PER_SLICE
     pages = len(fake.list_requests("endpointslices"))
     assert pages == N_SERVICES // 500
+    assert fake.gzipped_responses >= pages, "big list pages travel gzipped"
 
     # A burst of 2,000 endpoint changes must arrive as a few large store batches, not 2,000 tiny ones.
     fake.wait_watching(3)
