@@ -268,3 +268,9 @@ def test_fair_share_with_unequal_endpoint_counts_tcp_udp_ipv6() -> None:
         services = {(s["name"], s["family"]): s for s in json.loads(st)["nftables"]}
         five = services[("default/five:http/TCP", 6)]
         assert len(five["backends"]) == 5 and all(abs(b["weight"] - 0.2) < 1e-9 for b in five["backends"])
+        # metrics: nftables-mode series exist, syncs were timed, none failed
+        met = topo.exec(topo.node, ["curl", "-s", "http://127.0.0.1:10249/metrics"]).stdout
+        assert 'kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family="IPv4"} 0.0' in met, met[:2000]
+        count = [line for line in met.splitlines()
+                 if line.startswith('kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"}')]
+        assert count and float(count[0].split()[-1]) >= 1, count

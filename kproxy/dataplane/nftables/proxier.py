@@ -43,6 +43,8 @@ class NftablesDataPlane(DataPlane):
         self.ctx: dict[int, r.Context | None] = {4: None, 6: None}
         self._need_full = True
         self.last_elements = 0
+        # family → (internal, external): service ports with a Local policy and no local endpoints (metrics)
+        self.no_local_endpoints: dict[int, tuple[int, int]] = {}
         # element transactions over raw nfnetlink (fast); KPROXY_NFT_NETLINK=0 sends everything through nft -f
         self.use_netlink = os.environ.get("KPROXY_NFT_NETLINK", "1") != "0"
 
@@ -115,6 +117,7 @@ class NftablesDataPlane(DataPlane):
                 raise
             t2 = time.perf_counter()
             self.index[fam] = plan.index
+            self.no_local_endpoints[fam] = _no_local(plan.index)
             self.kernel_chains[fam], self.kernel_sets[fam] = plan.chains, plan.sets
             self.ctx[fam] = ctx
             elements += plan.elements
@@ -301,6 +304,15 @@ class Plan:
     ops: list[Op] = field(default_factory=list)
     post: list[str] = field(default_factory=list)
     elements: int = 0
+
+
+def _no_local(index: ElementIndex) -> tuple[int, int]:
+    internal = external = 0
+    for se in index.by_owner.values():
+        if se.no_local:
+            internal += se.no_local.get("internal", False)
+            external += se.no_local.get("external", False)
+    return internal, external
 
 
 def _slot_first(chain: str) -> tuple[int, str]:

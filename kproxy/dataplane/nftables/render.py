@@ -380,10 +380,11 @@ def render_service(sp: ServicePort, eps: tuple[EndpointInfo, ...], ctx: Context,
     has_endpoints = bool(cat.reachable) or any(e.ready or (e.serving and e.terminating) for e in fam_eps)
     no_ep_verdict = "drop" if has_endpoints else f"goto {REJECT_CHAIN}"
     sc_eps = cluster_wide(sp, fam_eps, ctx.node_zone) if sp.external_local else ()
-    out.no_local = {
-        "internal": sp.internal_local and not cat.internal and bool(fam_eps),
-        "external": sp.external_local and sp.has_external and not cat.external and bool(fam_eps),
-    }
+    if sp.uses_local:
+        out.no_local = {
+            "internal": sp.internal_local and not cat.internal and bool(fam_eps),
+            "external": sp.external_local and sp.has_external and not cat.external and bool(fam_eps),
+        }
     hairpin: set[str] = set()
     elements = out.elements
     t = sp.affinity_timeout
