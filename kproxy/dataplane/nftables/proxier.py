@@ -117,7 +117,7 @@ class NftablesDataPlane(DataPlane):
                 raise
             t2 = time.perf_counter()
             self.index[fam] = plan.index
-            self.no_local_endpoints[fam] = _no_local(plan.index)
+            self.no_local_endpoints[fam] = plan.no_local if plan.no_local is not None else _no_local(plan.index)
             self.kernel_chains[fam], self.kernel_sets[fam] = plan.chains, plan.sets
             self.ctx[fam] = ctx
             elements += plan.elements
@@ -204,13 +204,18 @@ class NftablesDataPlane(DataPlane):
         t = f"{ctx.f} {r.TABLE}"
         index = self.index[fam]
         delta = Delta()
+        internal, external = self.no_local_endpoints.get(fam, (0, 0))
         for spn in sorted(changes.changed | changes.removed):
             sp = snapshot.services.get(spn)
-            new = (r.render_service(sp, snapshot.endpoints.get(spn, ()), ctx, index.by_owner.get(spn))
-                   if sp is not None else None)
+            old = index.by_owner.get(spn)
+            new = r.render_service(sp, snapshot.endpoints.get(spn, ()), ctx, old) if sp is not None else None
+            for se, sign in ((old, -1), (new, 1)):
+                if se is not None and se.no_local:
+                    internal += sign * se.no_local.get("internal", False)
+                    external += sign * se.no_local.get("external", False)
             index.replace(spn, new if new is not None and (new.elements or new.chains) else None, delta)
         chains, sets = index.live_chains(), index.live_sets()
-        plan = Plan(index, chains, sets)
+        plan = Plan(index, chains, sets, no_local=(internal, external))
         old_chains, old_sets = self.kernel_chains[fam], self.kernel_sets[fam]
         pre = plan.pre
         pre.extend(r.dynamic_set_declaration(s, fam) for s in sorted(sets - old_sets))
@@ -304,6 +309,7 @@ class Plan:
     ops: list[Op] = field(default_factory=list)
     post: list[str] = field(default_factory=list)
     elements: int = 0
+    no_local: tuple[int, int] | None = None  # None: count over the whole index
 
 
 def _no_local(index: ElementIndex) -> tuple[int, int]:

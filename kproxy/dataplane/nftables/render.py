@@ -412,13 +412,14 @@ def render_service(sp: ServicePort, eps: tuple[EndpointInfo, ...], ctx: Context,
         if t:
             out.sets.update(_aff_names(n))
         for name, ep in zip(names, chosen, strict=True):
+            ip = ep.ip
             # hairpin (a pod reaching itself) is only possible for endpoints on this node
             if ep.is_local or not ep.node_name:
-                hairpin.add(ep.ip)
-            d = elements.get(name)
-            if d is None:
-                d = elements[name] = {}
-            d[key] = f" : {ep.ip} . {ep.port}"
+                hairpin.add(ip)
+            if name in elements:
+                elements[name][key] = f" : {ip} . {ep.port}"
+            else:
+                elements[name] = {key: f" : {ip} . {ep.port}"}
 
     # ClusterIP
     key = f"{cluster_ip} . {proto} . {port}"
