@@ -138,10 +138,13 @@ class EbpfDataPlane:
                  self.cgroup_path, ",".join(self.interfaces) or "(none)", self.pin_dir, len(self.frontends))
 
     def _check_bpffs(self) -> None:
-        parent = os.path.dirname(self.pin_dir)
-        if not os.path.isdir(parent) or bpfsys.fs_magic(parent) != bpfsys.BPF_FS_MAGIC:
-            raise loader.LoadError(f"{parent} is not a BPF filesystem: pinned maps need bpffs "
-                                   f"(mount -t bpf bpf {parent}, or pass --bpf-pin-path on a bpffs)")
+        existing = self.pin_dir
+        while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)
+        if bpfsys.fs_magic(existing) != bpfsys.BPF_FS_MAGIC:
+            where = os.path.dirname(self.pin_dir)
+            raise loader.LoadError(f"{where} is not a BPF filesystem: pinned maps need bpffs "
+                                   f"(mount -t bpf bpf /sys/fs/bpf, or pass --bpf-pin-path on a bpffs)")
         os.makedirs(self.pin_dir, exist_ok=True)
 
     def _check_pinned_layout(self) -> None:
