@@ -110,7 +110,20 @@ def _tail_block(tail: str) -> bytes:
     return tb
 
 
+_DATA_HDR4 = _HDR.pack(16, NFTA_SET_ELEM_DATA | NLA_F_NESTED, 12, NFTA_DATA_VALUE)
+_DATA_HDR6 = _HDR.pack(28, NFTA_SET_ELEM_DATA | NLA_F_NESTED, 24, NFTA_DATA_VALUE)
+_PORT = struct.Struct(">HH")
+
+
 def _encode_tail(tail: str) -> bytes:
+    if tail.startswith(" : ") and tail[3:4].isalnum():
+        # fast path for the most common tail, an endpoint " : <ip> . <port>"
+        ip, sep, port = tail[3:].partition(" . ")
+        if sep and port.isdigit() and " " not in ip:
+            if ":" in ip:
+                return _DATA_HDR6 + socket.inet_pton(socket.AF_INET6, ip) + _PORT.pack(int(port), 0)
+            if ip.count(".") == 3:
+                return _DATA_HDR4 + socket.inet_pton(socket.AF_INET, ip) + _PORT.pack(int(port), 0)
     comment = ""
     rest = tail
     body = b""
@@ -144,8 +157,8 @@ def encode_element(key: str, tail: str = "") -> bytes:
     kb = _key_block(key)
     if not tail:
         return _ELEM.pack(4 + len(kb), NFTA_LIST_ELEM | NLA_F_NESTED) + kb
-    # comments make tails unique per service: cache only comment-free tails (endpoint values, verdicts)
-    tb = _encode_tail(tail) if tail.startswith(" comment") else _tail_block(tail)
+    # comments make tails unique per service, endpoint values nearly so: cache only the verdicts
+    tb = _tail_block(tail) if tail.startswith(" : goto") else _encode_tail(tail)
     return _ELEM.pack(4 + len(kb) + len(tb), NFTA_LIST_ELEM | NLA_F_NESTED) + kb + tb
 
 
