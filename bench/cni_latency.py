@@ -191,7 +191,7 @@ def main() -> int:
         res = json.loads(p.stdout)
     finally:
         for ns in reversed(created):
-            subprocess.run(["ip", "netns", "del", ns], check=False)
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
     rows = []
