@@ -13,7 +13,7 @@
  * Only stable UAPI contexts are used (bpf_sock_addr, __sk_buff), so headers of another kernel version
  * are fine.
  *
- * Map layout (kept in sync by kproxy/dataplane/ebpf/maps.py; bump LAYOUT there when changing it):
+ * Map layout (mirrored in kproxy/dataplane/ebpf/maps.py MAPS and objfile.py MAP_SPECS: change all three):
  *   kp_svc     (addr, port, proto, kind|family) -> (set id, count, affinity id, affinity timeout, flags)
  *   kp_be      (set id, slot)                   -> backend (addr, port, family, flags)
  *   kp_member  (affinity id, addr, port)        -> backend: "is this backend still in the service"
@@ -52,6 +52,13 @@
 #define CT_UDP_LIFETIME (60ULL * NSEC)
 #define CT_FLAG_CLOSING 1
 #define CT_FLAG_SNAT 2
+
+#define KP_ECONNREFUSED 111
+#ifdef KP_SET_RETVAL
+/* Linux 5.18+: make connect()/sendmsg() to a Service without endpoints fail with ECONNREFUSED, like
+ * kube-proxy's REJECT, instead of the EPERM a plain "return 0" gives. */
+static long (*kp_set_retval)(int retval) = (void *)BPF_FUNC_set_retval;
+#endif
 
 #define SVC_F_SNAT 0x100 /* tc: masquerade (externalTrafficPolicy Cluster): mark for the nft masquerade rule */
 #ifndef KP_MASQ_MARK
@@ -324,13 +331,22 @@ static __always_inline int sock_rev(struct bpf_sock_addr *ctx, __u32 *addr, __u1
     return 1;
 }
 
+/* No usable endpoint: the syscall fails at once, like kube-proxy's REJECT rule. */
+static __always_inline int reject(struct bpf_sock_addr *ctx)
+{
+#ifdef KP_SET_RETVAL
+    kp_set_retval(-KP_ECONNREFUSED);
+#endif
+    return 0;
+}
+
 static __always_inline int sock4(struct bpf_sock_addr *ctx, int reverse)
 {
     __u32 addr[4] = {ctx->user_ip4, 0, 0, 0};
     __u16 port = (__u16)ctx->user_port;
     int r = reverse ? sock_rev(ctx, addr, &port, 4) : sock_xlate(ctx, addr, &port, 4);
     if (r < 0)
-        return 0; /* no usable endpoint: the syscall fails (EPERM), like a REJECT rule */
+        return reject(ctx);
     if (r > 0) {
         ctx->user_ip4 = addr[0];
         ctx->user_port = (__u32)port;
@@ -353,7 +369,7 @@ static __always_inline int sock6(struct bpf_sock_addr *ctx, int reverse)
         r = reverse ? sock_rev(ctx, addr, &port, 6) : sock_xlate(ctx, addr, &port, 6);
     }
     if (r < 0)
-        return 0;
+        return reject(ctx);
     if (r > 0) {
         ctx->user_ip6[0] = addr[0];
         ctx->user_ip6[1] = addr[1];

@@ -110,6 +110,8 @@ def test_traffic_policy_terminating_and_no_endpoints(topo, bpf_env, running):
     t0 = time.monotonic()
     r = client(bpf_env, topo.client, "http", "10.96.0.32", 80, "-n", 3)
     assert r["errors"] == 3 and time.monotonic() - t0 < 5, r
+    # refused at once, like kube-proxy's REJECT (bpf_set_retval; EPERM on kernels before 5.18)
+    assert all(e.startswith("ConnectionRefusedError") for e in r["error_list"]), r
 
 
 @pytest.mark.slow

@@ -108,7 +108,10 @@ def _wanted(want_tc: bool) -> dict[str, tuple[int, int]]:
     return out
 
 
-def compile_object(path: str, masq_mark: int = 0x4000) -> None:
+VARIANTS: tuple[tuple[str, ...], ...] = (("KP_SET_RETVAL",), ())  # best first; () works on older kernels
+
+
+def compile_object(path: str, masq_mark: int = 0x4000, defines: tuple[str, ...] = VARIANTS[0]) -> None:
     """Compile bpf/kproxy_lb.c with bcc (used as a compiler only) into a precompiled object at ``path``."""
     try:
         from bcc import BPF  # type: ignore[import-not-found]
@@ -122,14 +125,15 @@ def compile_object(path: str, masq_mark: int = 0x4000) -> None:
         raise LoadError(f"{e}; or ship a precompiled object (KPROXY_BPF_OBJECT)") from None
     raw = source_path().read_text()
     try:
-        b = BPF(text=raw, cflags=["-Wno-unused-function", f"-DKP_MASQ_MARK={masq_mark:#x}"])
+        b = BPF(text=raw.encode(), cflags=["-Wno-unused-function", f"-DKP_MASQ_MARK={masq_mark:#x}",
+                                  *(f"-D{d}" for d in defines)])
     except Exception as e:
         raise LoadError(f"compiling {source_path()} with bcc failed (kernel headers at "
                         f"{os.environ.get('BCC_KERNEL_SOURCE', '/lib/modules/.../build')}): {e}") from None
     try:
         progs = {name: (pt, at, bytes(b.dump_func(name.encode()))) for name, (pt, at) in _wanted(True).items()}
         map_fds = {name: b.get_table(name.encode()).map_fd for name in objfile.MAP_SPECS}
-        objfile.save(path, objfile.source_key(raw, masq_mark), progs, map_fds)
+        objfile.save(path, objfile.source_key(raw, masq_mark, defines), progs, map_fds)
     finally:
         b.cleanup()
 
@@ -137,11 +141,31 @@ def compile_object(path: str, masq_mark: int = 0x4000) -> None:
 def compile_and_load(pin_dir: str, want_tc: bool = True, masq_mark: int = 0x4000) -> Programs:
     """Load the programs against the maps pinned in ``pin_dir`` (created if missing).
 
-    The bytecode comes from, in order: the compile cache (same source and masquerade mark), the
+    The bytecode comes from, in order: the compile cache (same source, masquerade mark and variant), the
     precompiled object named by ``$KPROXY_BPF_OBJECT``, or a fresh bcc compile (which fills the cache).
+    The best variant the kernel accepts wins (``KP_SET_RETVAL`` needs Linux 5.18).
     """
-    key = objfile.source_key(source_path().read_text(), masq_mark)
-    cache = os.path.join(cache_dir(), "bpf", f"kproxy_lb-{key}.json")
+    err: LoadError | None = None
+    for defines in VARIANTS:
+        try:
+            return _load_variant(pin_dir, want_tc, masq_mark, defines)
+        except _Rejected as e:
+            err = e.error
+            if defines:
+                log.warning("ebpf: the %s variant is unavailable (%s); trying without", ",".join(defines), e.error)
+    assert err is not None
+    raise err
+
+
+class _Rejected(Exception):
+    def __init__(self, error: LoadError) -> None:
+        self.error = error
+
+
+def _load_variant(pin_dir: str, want_tc: bool, masq_mark: int, defines: tuple[str, ...]) -> Programs:
+    key = objfile.source_key(source_path().read_text(), masq_mark, defines)
+    suffix = "-".join(d.lower() for d in defines) or "base"
+    cache = os.path.join(cache_dir(), "bpf", f"kproxy_lb-{key}-{suffix}.json")
     obj, origin = objfile.read(cache, key), "cache"
     shipped = os.environ.get("KPROXY_BPF_OBJECT", "")
     if obj is None and shipped:
@@ -149,10 +173,12 @@ def compile_and_load(pin_dir: str, want_tc: bool = True, masq_mark: int = 0x4000
         if obj is None:
             raise LoadError(f"KPROXY_BPF_OBJECT={shipped} is not a readable precompiled object")
         if obj.get("key") != key:
+            if defines:  # the shipped object may be another variant: let the next one match it
+                raise _Rejected(LoadError(f"KPROXY_BPF_OBJECT={shipped} is not the {suffix} variant"))
             raise LoadError(f"KPROXY_BPF_OBJECT={shipped} was built from another bpf/kproxy_lb.c or masquerade "
-                            f"bit (key {obj.get('key')}, want {key}); rebuild it with kproxy-bpf-compile")
+                            f"bit (key {obj.get('key')}); rebuild it with python -m kproxy.dataplane.ebpf.loader")
     if obj is None:
-        compile_object(cache, masq_mark)
+        compile_object(cache, masq_mark, defines)
         obj, origin = objfile.read(cache, key), "bcc"
         if obj is None:
             raise LoadError(f"the compiled object {cache} is unreadable")
@@ -166,13 +192,15 @@ def compile_and_load(pin_dir: str, want_tc: bool = True, masq_mark: int = 0x4000
                 feature = (f"BPF_PROG_TYPE_CGROUP_SOCK_ADDR with {SOCK_PROGS[name][1]} and bpf_get_netns_cookie "
                            "(Linux 5.7)" if name in SOCK_PROGS else
                            "BPF_PROG_TYPE_SCHED_CLS with checksum-fixing rewrite helpers (Linux 4.5)")
-                raise LoadError(f"the kernel rejected {name}: it needs {feature}: {e}") from None
+                if defines:
+                    feature += f" and {', '.join(defines)} (bpf_set_retval, Linux 5.18)"
+                raise _Rejected(LoadError(f"the kernel rejected {name}: it needs {feature}: {e}")) from None
             except sys_.BpfError as e:
                 raise LoadError(f"creating or opening the pinned maps in {pin_dir} failed: {e}") from None
     except BaseException:
         Programs(fds).close()
         raise
-    log.info("ebpf: %d programs loaded (bytecode from %s)", len(fds), origin)
+    log.info("ebpf: %d programs loaded (bytecode from %s, variant %s)", len(fds), origin, suffix)
     return Programs(fds, origin)
 
 
@@ -182,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        print("usage: python -m kproxy.dataplane.ebpf.loader OUT.json [masquerade-bit (14)]", file=sys.stderr)
+        print("usage: python -m kproxy.dataplane.ebpf.loader OUT.json [masquerade-bit (14)] [DEFINES (KP_SET_RETVAL; "
+              "'' for kernels < 5.18)]", file=sys.stderr)
         return 2
     bit = int(args[1]) if len(args) > 1 else 14
-    compile_object(args[0], 1 << bit)
+    compile_object(args[0], 1 << bit, tuple(args[2].split(",")) if len(args) > 2 and args[2] else VARIANTS[0])
     print(f"wrote {args[0]}")
     return 0
 

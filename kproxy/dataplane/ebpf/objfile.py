@@ -49,8 +49,8 @@ class ObjectError(RuntimeError):
     pass
 
 
-def source_key(source: str, masq_mark: int) -> str:
-    h = hashlib.sha256(f"{FORMAT}\0{masq_mark}\0".encode() + source.encode()).hexdigest()
+def source_key(source: str, masq_mark: int, defines: tuple[str, ...] = ()) -> str:
+    h = hashlib.sha256(f"{FORMAT}\0{masq_mark}\0{','.join(defines)}\0".encode() + source.encode()).hexdigest()
     return h[:16]
 
 
