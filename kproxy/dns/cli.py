@@ -19,12 +19,19 @@ from typing import Any
 from ..store import ClusterStore
 
 
+def _ttl(v: str) -> int:
+    t = int(v)
+    if not 0 <= t <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"TTL out of range: {v}")
+    return t
+
+
 def _source_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--manifests", metavar="DIR", help="directory of Service/EndpointSlice/Node manifests")
     g.add_argument("--kubeconfig", metavar="PATH", help="kubeconfig of the cluster to watch")
     p.add_argument("--zone", default="cluster.local", help="cluster domain (default cluster.local)")
-    p.add_argument("--ttl", type=int, default=5, help="record TTL in seconds (default 5)")
+    p.add_argument("--ttl", type=_ttl, default=5, help="record TTL in seconds (default 5)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 

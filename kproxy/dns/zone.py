@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 
 from ..store import ClusterStore
-from .records import RR, apex_records, node_records, normalize_zone, service_records
+from .records import RR, BadName, apex_records, node_records, normalize_zone, service_records
 from .table import Table, TableBuilder
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,11 @@ class ClusterZone:
                 self.builder.set_records(key, [])
                 self._nodeport_keys.discard(key)
                 continue
-            rrs: list[RR] = service_records(svc, store.slices_for(key), self.zone, self._node_names)
+            try:
+                rrs: list[RR] = service_records(svc, store.slices_for(key), self.zone, self._node_names)
+            except (BadName, ValueError, OSError) as e:  # one odd object must not stop every update
+                log.warning("dns: Service %s/%s: no records: %s", key[0], key[1], e)
+                rrs = []
             if svc.type == "ExternalName" and not rrs:
                 log.warning("dns: Service %s/%s: externalName %r is not a valid DNS name; no record",
                             key[0], key[1], svc.external_name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dns.message
 import dns.rcode
 import dns.rdatatype
+import pytest
 
 from kproxy.dns.wire import fast_response
 from kproxy.dns.zone import ClusterZone
@@ -106,3 +107,20 @@ def test_incremental_equals_full_rebuild() -> None:
         if k not in soa(zone.table):
             assert e == fresh.table.answers[k], k
     assert zone.table.names == fresh.table.names
+
+
+def test_unencodable_service_is_skipped_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    """A Service whose names cannot be encoded (here: an over-long zone-relative name) gets no records;
+    every other Service keeps updating."""
+    store = ClusterStore()
+    zone = ClusterZone(store, zone="z" * 60 + "." + "y" * 60 + "." + "x" * 60)
+    long_ns = "n" * 63
+    store.apply([Event("ADDED", "Service", _svc("s" * 63, ns=long_ns)),
+                 Event("ADDED", "Service", _svc("ok", ip="10.96.1.2"))])
+    zone.sync()
+    assert any("no records" in r.getMessage() and long_ns in r.getMessage() for r in caplog.records)
+    zname = zone.zone
+    assert _a(zone, f"ok.default.svc.{zname}") == {"10.96.1.2"}
+    store.apply([Event("MODIFIED", "Service", _svc("ok", ip="10.96.1.3"))])
+    zone.sync()
+    assert _a(zone, f"ok.default.svc.{zname}") == {"10.96.1.3"}
