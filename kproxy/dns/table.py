@@ -93,8 +93,10 @@ class Table:
                 i += ln + 1
                 labels += 1
             if i == cut:
-                if labels == 3 and qname.endswith(self.pod_suffix):
-                    return SYNTH  # <ip>.<ns>.pod.<zone>
+                if labels <= 3 and qname.endswith(self.pod_suffix):
+                    # <ip>.<ns>.pod.<zone> is synthesized; pod.<zone> and <ns>.pod.<zone> therefore exist
+                    # (NODATA, so resolvers doing QNAME minimisation do not stop at an NXDOMAIN)
+                    return SYNTH if labels == 3 else self.nodata[ZONE_FORWARD]
                 return self.nxdomain
         return FORWARD
 

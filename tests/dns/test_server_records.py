@@ -122,6 +122,12 @@ def test_deprecated_pod_records(server: Server) -> None:
     assert rdatas(server.query("10-1-2-3.default.pod.cluster.local", "A"), "A") == {"10.1.2.3"}
     assert rdatas(server.query("fd00--7.default.pod.cluster.local", "AAAA"), "AAAA") == {"fd00::7"}
     assert server.query("not-an-ip.default.pod.cluster.local", "A").rcode() == dns.rcode.NXDOMAIN
+    assert server.query("10-1-2-3.default.pod.cluster.local", "AAAA").rcode() == dns.rcode.NOERROR  # NODATA
+    # the parents of synthesized names exist (QNAME minimisation must not stop there)
+    for parent in ("pod.cluster.local", "default.pod.cluster.local"):
+        r = server.query(parent, "A")
+        assert r.rcode() == dns.rcode.NOERROR and not r.answer, parent
+    assert server.query("x.10-1-2-3.default.pod.cluster.local", "A").rcode() == dns.rcode.NXDOMAIN
 
 
 @pytest.mark.parametrize("name", ["WEB.Default.SVC.Cluster.Local", "wEb.DeFaUlT.sVc.ClUsTeR.lOcAl"])
