@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 FORWARD_TIMEOUT = 2.0
 MAX_INFLIGHT_FORWARDS = 1024
 TCP_IDLE_TIMEOUT = 10.0
+MAX_TCP_CLIENTS = 1024
 
 
 def parse_hostport(value: str, default_port: int = 53) -> tuple[str, int]:
@@ -100,6 +101,7 @@ class DnsService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: asyncio.TimerHandle | None = None
         self._inflight = 0
+        self._tcp_clients = 0
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ---- table updates ------------------------------------------------------------------------------
@@ -257,6 +259,16 @@ class DnsService:
 
     # ---- TCP ----------------------------------------------------------------------------------------
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._tcp_clients >= MAX_TCP_CLIENTS:
+            writer.close()  # over the limit: refuse the connection rather than exhaust memory
+            return
+        self._tcp_clients += 1
+        try:
+            await self._tcp_serve(reader, writer)
+        finally:
+            self._tcp_clients -= 1
+
+    async def _tcp_serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         def reply(resp: bytes) -> None:
             if not writer.is_closing():
                 writer.write(struct.pack("!H", len(resp)) + resp)

@@ -85,7 +85,7 @@ def slow_response(data: bytes, table: Table, tcp: bool = False, ra: bool = False
         if e is None:
             res = table.lookup(q.qname, struct.pack("!H", A))
             if isinstance(res, str):
-                return Deferred(FORWARD, q) if res == FORWARD else pod_or_cname(table, q, ra)
+                return Deferred(FORWARD, q) if res == FORWARD else pod_or_cname(table, q, ra, tcp)
             e = res
         return render(q.qid, q.rd, e, q.question, q.payload, q.do, tcp)
     res = table.lookup(q.qname, qtype)
