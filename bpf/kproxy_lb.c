@@ -23,6 +23,7 @@
  *   kp_ct_rev  5-tuple backend->client          -> VIP (tc)
  *   kp_nodeaddr node addresses that accept NodePorts
  *   kp_meta    affinity id -> service port name (for `kproxy status`), id 0 -> attachment record
+ *   kp_srcrange (affinity id, source prefix) LPM trie: loadBalancerSourceRanges
  *
  * NodePort traffic with externalTrafficPolicy Cluster is source-NATed like kube-proxy does: kp_tc_in
  * sets the masquerade mark and a single nft rule masquerades marked packets on the way out.
@@ -61,6 +62,7 @@ static long (*kp_set_retval)(int retval) = (void *)BPF_FUNC_set_retval;
 #endif
 
 #define SVC_F_SNAT 0x100 /* tc: masquerade (externalTrafficPolicy Cluster): mark for the nft masquerade rule */
+#define SVC_F_SRC_RANGES 0x200 /* tc: only sources in kp_srcrange[aff id] (loadBalancerSourceRanges) */
 #ifndef KP_MASQ_MARK
 #define KP_MASQ_MARK 0x4000
 #endif
@@ -165,6 +167,12 @@ struct meta_val {
     char name[256];
 };
 
+struct src_key {
+    __u32 prefixlen; /* 32 (the affinity id) + address bits */
+    __u32 aff_id;
+    __u32 addr[4];
+};
+
 /* Map definitions for the compiler only: the loader (objfile.py) creates and pins the real maps with the
  * same layout (MAP_SPECS there) and patches their fds into the bytecode. */
 BPF_F_TABLE("hash", struct svc_key, struct svc_val, kp_svc, 131072, BPF_F_NO_PREALLOC);
@@ -176,6 +184,7 @@ BPF_TABLE("lru_hash", struct ct_key, struct ct_val, kp_ct_fwd, 65536);
 BPF_TABLE("lru_hash", struct ct_key, struct ct_val, kp_ct_rev, 65536);
 BPF_F_TABLE("hash", struct addr_key, __u32, kp_nodeaddr, 1024, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", __u32, struct meta_val, kp_meta, 131072, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("lpm_trie", struct src_key, __u32, kp_srcrange, 16384, BPF_F_NO_PREALLOC);
 
 /* ---- backend selection ------------------------------------------------------------------------ */
 
@@ -538,6 +547,15 @@ int kp_tc_in(struct __sk_buff *skb)
         struct svc_val *sv = svc_lookup(&key, KIND_NODEPORT);
         if (!sv)
             return TC_ACT_OK;
+        if (sv->flags & SVC_F_SRC_RANGES) {
+            struct src_key sk;
+            __builtin_memset(&sk, 0, sizeof(sk));
+            sk.prefixlen = 32 + (t.family == 4 ? 32 : 128);
+            sk.aff_id = sv->aff_id;
+            __builtin_memcpy(sk.addr, t.src, 16);
+            if (!kp_srcrange.lookup(&sk))
+                return TC_ACT_SHOT; /* outside loadBalancerSourceRanges */
+        }
         struct aff_key ak;
         __builtin_memset(&ak, 0, sizeof(ak));
         __builtin_memcpy(ak.client, t.src, 16);

@@ -106,3 +106,27 @@ def test_external_traffic_policy_local_preserves_source(topo, bpf_env, nodeport)
     r = wait_until(probe, timeout=15, what="webl NodePort answering")
     assert dict(r["counts"]) == {"pod0": 10}  # only the local endpoint
     assert dict(r["peers"]) == {EXT_IP: 10}  # the client's address is preserved
+
+
+def test_load_balancer_source_ranges(topo, bpf_env, nodeport):
+    ip = {n: topo.pod[n].ip for n in topo.pod}
+    topo.exec(topo.ext, ["ip", "route", "add", "192.0.2.60/32", "via", NODE_EXT_IP])
+
+    def docs(ranges):
+        svc = service("lbsr", ["10.96.0.41"], [("http", "TCP", 80, 8080, 30181)], type="LoadBalancer",
+                      loadBalancerSourceRanges=ranges)
+        svc["status"] = {"loadBalancer": {"ingress": [{"ip": "192.0.2.60"}]}}
+        return [svc, endpoint_slice("lbsr", 4, WEB_EP_PORTS, [{"ip": ip["pod0"]}, {"ip": ip["pod1"]}])]
+
+    write_manifests(nodeport, "lbsr.yaml", docs([f"{EXT_IP}/32"]))
+
+    def probe():
+        r = topo.probe(topo.ext, "http", "192.0.2.60", 80, "-n", 10)
+        return r if r["errors"] == 0 else None
+
+    r = wait_until(probe, timeout=15, what="LB IP answering for an allowed source")
+    assert set(r["counts"]) <= {"pod0", "pod1"}
+    write_manifests(nodeport, "lbsr.yaml", docs(["192.0.2.0/24"]))
+    wait_until(lambda: not topo.probe(topo.ext, "tcp-check", "192.0.2.60", 80, "--timeout", 1)["ok"],
+               timeout=15, what="source outside loadBalancerSourceRanges dropped")
+    assert topo.probe(topo.ext, "tcp-check", "192.0.2.60", 80, "--timeout", 1)["error"] == "timeout"

@@ -36,7 +36,7 @@ class FakeMap(dict):
 class FakeMaps:
     def __init__(self) -> None:
         for name in m.MAPS:
-            setattr(self, name[3:], FakeMap())
+            setattr(self, name[3:], FakeMap())  # kp_svc -> .svc, kp_srcrange -> .srcrange
 
     def close(self) -> None:
         pass
@@ -144,3 +144,26 @@ def test_full_sync_collects_garbage_left_by_a_crash():
     state = check_consistent(maps)
     assert set(state) == {"socket 10.96.0.1:80", "tc 10.96.0.1:80"}
     assert m.member_key(77, "10.244.9.9", 1) not in maps.member
+
+
+def test_load_balancer_source_ranges_follow_the_service():
+    store = ClusterStore("node-a")
+    snap = ProxySnapshot(store, "node-a")
+    lb = svc("lb", "10.96.0.5", node_port=30005, loadBalancerSourceRanges=["203.0.113.0/24"])
+    lb["spec"]["type"] = "LoadBalancer"
+    lb["status"] = {"loadBalancer": {"ingress": [{"ip": "192.0.2.9"}]}}
+    store.apply([Event("ADDED", "Service", lb), Event("ADDED", "EndpointSlice", eps("lb", ["10.244.1.10"]))])
+    maps = FakeMaps()
+    dp = plane(maps)
+    dp.sync(snap, snap.update(), full=True)
+    v = m.parse_svc_val(maps.svc[m.svc_key("192.0.2.9", 80, "TCP", m.KIND_TC, 4)])
+    assert v[4] & m.F_SRC_RANGES
+    assert set(maps.srcrange) == {m.src_key(v[2], "203.0.113.0/24")}
+    lb["spec"]["loadBalancerSourceRanges"] = ["198.51.100.0/24"]
+    store.apply([Event("MODIFIED", "Service", lb)])
+    dp.sync(snap, snap.update(), full=False)
+    assert set(maps.srcrange) == {m.src_key(v[2], "198.51.100.0/24")}
+    assert plane(maps).ranges == {v[2]: {"198.51.100.0/24"}}  # adopted after a restart
+    store.apply([Event("DELETED", "Service", lb)])
+    dp.sync(snap, snap.update(), full=False)
+    assert not maps.srcrange and not maps.svc

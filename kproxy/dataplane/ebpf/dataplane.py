@@ -31,6 +31,11 @@ from .render import Backend, Desired, group_of, render
 log = logging.getLogger(__name__)
 
 
+def _family_of_set(name: str) -> int:
+    parts = name.rsplit("|", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1] in ("4", "6") else 0
+
+
 def fe_flags(svc_value: bytes) -> int:
     return m.parse_svc_val(svc_value)[4]
 
@@ -69,6 +74,8 @@ class _Plan:
     new_affs: set[int] = field(default_factory=set)
     new_members: list[bytes] = field(default_factory=list)
     want: dict[bytes, bytes] = field(default_factory=dict)
+    ranges: dict[int, set[str]] = field(default_factory=dict)  # aff id -> loadBalancerSourceRanges
+    new_ranges: list[bytes] = field(default_factory=list)
     svc_done: list[tuple[bytes, bytes | None]] = field(default_factory=list)
     writes: int = 0
 
@@ -97,6 +104,7 @@ class EbpfDataPlane:
         self.next_set_id = 1
         self._aff_hint = 1
         self.used_aff: set[int] = set()
+        self.ranges: dict[int, set[str]] = {}
         self.node_addrs: set[str] | None = None
         self.masq_mark = 1 << config.masquerade_bit
         self.need_snat = False
@@ -204,6 +212,12 @@ class EbpfDataPlane:
             self.group_sets.setdefault(group, set()).add(name)
         self.next_set_id = max(self.next_set_id, max_set + 1)
         self.used_aff = {st.aff_id for st in self.sets.values()}
+        self.ranges = {}
+        for k in self.maps.srcrange:
+            aff_id = int.from_bytes(k[4:8], "little")
+            fam = _family_of_set(names.get(aff_id, ""))
+            if aff_id in self.used_aff and fam:
+                self.ranges.setdefault(aff_id, set()).add(m.parse_src_key(k, fam)[1])
 
     # ---- sync ------------------------------------------------------------------------------------------
     def sync(self, snapshot: ProxySnapshot, changes: Changes, full: bool) -> SyncResult:
@@ -318,6 +332,16 @@ class EbpfDataPlane:
                     st.put("member", k, m.be_val(b.ip, b.port, b.local))
                     p.new_members.append(k)
                     p.writes += 1
+        planned = {n: new.aff_id for n, new, _ in p.sets}
+        for name, ranges in p.d.src_ranges.items():
+            aff = planned.get(name) or self.sets[name].aff_id
+            cur = self.ranges.get(aff, set())
+            for cidr in set(ranges) - cur:
+                k = m.src_key(aff, cidr)
+                st.put("srcrange", k, m.ONE)
+                p.new_ranges.append(k)
+                p.writes += 1
+            p.ranges[aff] = set(ranges)
         return p
 
     def _stage_frontends(self, p: _Plan, st: Staged) -> None:
@@ -367,6 +391,14 @@ class EbpfDataPlane:
             self.group_sets[group] = set(p.d.sets)
         else:
             self.group_sets.pop(group, None)
+        for aff in {self.sets[n].aff_id for n in p.d.sets if n in self.sets}:
+            old_r, new_r = self.ranges.get(aff, set()), p.ranges.get(aff, set())
+            for cidr in old_r - new_r:
+                st.delete("srcrange", m.src_key(aff, cidr))
+            if new_r:
+                self.ranges[aff] = new_r
+            else:
+                self.ranges.pop(aff, None)
         for _, new, cur in p.sets:
             if cur is None:
                 continue
@@ -385,6 +417,8 @@ class EbpfDataPlane:
             for b in gone.backends or ():
                 st.delete("member", m.member_key(gone.aff_id, b.ip, b.port))
             st.delete("meta", m.meta_key(gone.aff_id))
+            for cidr in self.ranges.pop(gone.aff_id, set()):
+                st.delete("srcrange", m.src_key(gone.aff_id, cidr))
             self.used_aff.discard(gone.aff_id)
 
     def _rollback_sets(self, plans: list[_Plan]) -> None:
@@ -396,6 +430,8 @@ class EbpfDataPlane:
                     st.delete("be", m.be_key(new.set_id, slot))
             for k in p.new_members:
                 st.delete("member", k)
+            for k in p.new_ranges:
+                st.delete("srcrange", k)
             for a in p.new_affs:
                 st.delete("meta", m.meta_key(a))
             self.used_aff -= p.new_affs
@@ -425,6 +461,10 @@ class EbpfDataPlane:
         for k, v in want_members.items():
             if k not in have:
                 st.put("member", k, v)
+        want_ranges = {m.src_key(a, c) for a, cidrs in self.ranges.items() for c in cidrs}
+        for k in mp.srcrange:
+            if k not in want_ranges:
+                st.delete("srcrange", k)
         live_aff = {s.aff_id for s in self.sets.values()} | {m.META_ATTACHMENTS}
         for k in mp.meta:
             if int.from_bytes(k, "little") not in live_aff:

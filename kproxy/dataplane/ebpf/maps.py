@@ -27,6 +27,7 @@ FE_EXTERNAL_IP = 2
 FE_LB_IP = 4
 FE_NODE_PORT = 8
 F_SNAT = 0x100  # tc: masquerade the client (externalTrafficPolicy Cluster, or a ClusterIP from outside)
+F_SRC_RANGES = 0x200  # tc: only sources in kp_srcrange for this affinity id (loadBalancerSourceRanges)
 
 BE_LOCAL = 1
 
@@ -48,6 +49,7 @@ MAPS: dict[str, tuple[int, int]] = {  # name -> (key size, value size)
     "kp_ct_rev": (40, 32),
     "kp_nodeaddr": (20, 4),
     "kp_meta": (4, 256),
+    "kp_srcrange": (24, 4),
 }
 
 
@@ -125,6 +127,19 @@ def member_key(aff_id: int, ip: str, port: int) -> bytes:
     return struct.pack("=I", aff_id) + addr16(ip) + port_be(port) + b"\0\0"
 
 
+def src_key(aff_id: int, cidr: str) -> bytes:
+    net = ipaddress.ip_network(cidr, strict=False)
+    return struct.pack("=II", 32 + net.prefixlen, aff_id) + addr16(str(net.network_address))
+
+
+def parse_src_key(raw: bytes, family: int) -> tuple[int, str]:
+    plen, aff_id = struct.unpack_from("=II", raw, 0)
+    return aff_id, f"{addr_str(raw[8:24], family)}/{plen - 32}"
+
+
+ONE = (1).to_bytes(4, "little")
+
+
 def meta_key(aff_id: int) -> bytes:
     return struct.pack("=I", aff_id)
 
@@ -168,6 +183,7 @@ class LBMaps:
         self.ct_rev = self.maps["kp_ct_rev"]
         self.nodeaddr = self.maps["kp_nodeaddr"]
         self.meta = self.maps["kp_meta"]
+        self.srcrange = self.maps["kp_srcrange"]
 
     def close(self) -> None:
         for m in self.maps.values():

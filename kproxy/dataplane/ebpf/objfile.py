@@ -42,6 +42,7 @@ MAP_SPECS: dict[str, tuple[int, int, int]] = {
     "kp_ct_rev": (9, 65536, 0),
     "kp_nodeaddr": (1, 1024, 1),
     "kp_meta": (1, 131072, 1),
+    "kp_srcrange": (11, 16384, 1),
 }
 
 

@@ -15,7 +15,7 @@ reached from outside carry ``F_SNAT`` unless externalTrafficPolicy is Local (kub
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ...model import family_of
 from ...snapshot import EndpointInfo, ServicePort, categorize
@@ -41,6 +41,7 @@ class Desired:
     sets: dict[str, tuple[Backend, ...]]
     frontends: list[Frontend]
     affinity_timeout: int
+    src_ranges: dict[str, tuple[str, ...]] = field(default_factory=dict)  # set name -> loadBalancerSourceRanges
 
 
 def set_name(group: str, family: int, role: str) -> str:
@@ -59,6 +60,7 @@ def render(sp: ServicePort, eps: tuple[EndpointInfo, ...], node_zone: str = "") 
     group = str(sp.spn)
     sets: dict[str, tuple[Backend, ...]] = {}
     fes: list[Frontend] = []
+    ranges: dict[str, tuple[str, ...]] = {}
     for fam in (4, 6):
         eps_f = tuple(e for e in eps if family_of(e.ip) == fam)
         cip = sp.cluster_ip(fam)
@@ -91,13 +93,18 @@ def render(sp: ServicePort, eps: tuple[EndpointInfo, ...], node_zone: str = "") 
             name_c = use("c", cluster)
             name_e = use("e", _backends(cat.external))
             snat = 0 if sp.external_local else m.F_SNAT
+            fam_ranges = tuple(r for r in sp.lb_source_ranges if family_of(r) == fam)
             for vip in ext_vips:
                 flag = m.FE_LB_IP if vip in sp.lb_ips else m.FE_EXTERNAL_IP
                 fes.append(Frontend(m.svc_key(vip, sp.port, sp.protocol, m.KIND_SOCK, fam), name_c, flag))
-                fes.append(Frontend(m.svc_key(vip, sp.port, sp.protocol, m.KIND_TC, fam), name_e, flag | snat))
+                tc_flag = flag | snat
+                if flag == m.FE_LB_IP and fam_ranges:  # kube-proxy filters the ranges per family too
+                    tc_flag |= m.F_SRC_RANGES
+                    ranges[name_e] = fam_ranges
+                fes.append(Frontend(m.svc_key(vip, sp.port, sp.protocol, m.KIND_TC, fam), name_e, tc_flag))
             if sp.node_port:
                 fes.append(Frontend(m.svc_key("", sp.node_port, sp.protocol, m.KIND_SOCK_NP, fam), name_c,
                                     m.FE_NODE_PORT))
                 fes.append(Frontend(m.svc_key("", sp.node_port, sp.protocol, m.KIND_NODEPORT, fam), name_e,
                                     m.FE_NODE_PORT | snat))
-    return Desired(sets, fes, sp.affinity_timeout)
+    return Desired(sets, fes, sp.affinity_timeout, ranges)
