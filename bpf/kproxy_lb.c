@@ -55,6 +55,7 @@
 #define CT_FLAG_SNAT 2
 
 #define KP_ECONNREFUSED 111
+#define KP_ETIMEDOUT 110
 #ifdef KP_SET_RETVAL
 /* Linux 5.18+: make connect()/sendmsg() to a Service without endpoints fail with ECONNREFUSED, like
  * kube-proxy's REJECT, instead of the EPERM a plain "return 0" gives. */
@@ -63,6 +64,7 @@ static long (*kp_set_retval)(int retval) = (void *)BPF_FUNC_set_retval;
 
 #define SVC_F_SNAT 0x100 /* tc: masquerade (externalTrafficPolicy Cluster): mark for the nft masquerade rule */
 #define SVC_F_SRC_RANGES 0x200 /* tc: only sources in kp_srcrange[aff id] (loadBalancerSourceRanges) */
+#define SVC_F_DROP 0x400 /* no endpoint for this traffic's policy but some elsewhere: DROP, not REJECT */
 #ifndef KP_MASQ_MARK
 #define KP_MASQ_MARK 0x4000
 #endif
@@ -265,7 +267,8 @@ static __always_inline __u8 sock_proto(struct bpf_sock_addr *ctx)
     return 0;
 }
 
-/* Translate addr (4 words, family ``fam``) : port in place. Returns 1 rewritten, 0 no match, -1 reject. */
+/* Translate addr (4 words, family ``fam``) : port in place.
+ * Returns 1 rewritten, 0 no match, -1 reject (no endpoints), -2 drop (no endpoints for this policy). */
 static __always_inline int sock_xlate(struct bpf_sock_addr *ctx, __u32 *addr, __u16 *port, __u8 fam)
 {
     __u8 proto = sock_proto(ctx);
@@ -288,10 +291,8 @@ static __always_inline int sock_xlate(struct bpf_sock_addr *ctx, __u32 *addr, __
     ak.cookie = bpf_get_netns_cookie(ctx);
     ak.aff_id = sv->aff_id;
     struct be_val be;
-    if (pick_backend(sv, &ak, &be) < 0)
-        return -1;
-    if (be.family != fam)
-        return -1;
+    if (pick_backend(sv, &ak, &be) < 0 || be.family != fam)
+        return (sv->flags & SVC_F_DROP) ? -2 : -1;
     struct revsk_key rk;
     __builtin_memset(&rk, 0, sizeof(rk));
     rk.cookie = bpf_get_socket_cookie(ctx);
@@ -340,11 +341,13 @@ static __always_inline int sock_rev(struct bpf_sock_addr *ctx, __u32 *addr, __u1
     return 1;
 }
 
-/* No usable endpoint: the syscall fails at once, like kube-proxy's REJECT rule. */
-static __always_inline int reject(struct bpf_sock_addr *ctx)
+/* No usable endpoint: the syscall fails at once. kube-proxy REJECTs (ECONNREFUSED) when the Service has
+ * no endpoints and DROPs when it has some but none for this traffic's policy: a dropped connect() would
+ * only time out, so it fails with ETIMEDOUT right away. */
+static __always_inline int reject(struct bpf_sock_addr *ctx, int why)
 {
 #ifdef KP_SET_RETVAL
-    kp_set_retval(-KP_ECONNREFUSED);
+    kp_set_retval(why == -2 ? -KP_ETIMEDOUT : -KP_ECONNREFUSED);
 #endif
     return 0;
 }
@@ -355,7 +358,7 @@ static __always_inline int sock4(struct bpf_sock_addr *ctx, int reverse)
     __u16 port = (__u16)ctx->user_port;
     int r = reverse ? sock_rev(ctx, addr, &port, 4) : sock_xlate(ctx, addr, &port, 4);
     if (r < 0)
-        return reject(ctx);
+        return reject(ctx, r);
     if (r > 0) {
         ctx->user_ip4 = addr[0];
         ctx->user_port = (__u32)port;
@@ -378,7 +381,7 @@ static __always_inline int sock6(struct bpf_sock_addr *ctx, int reverse)
         r = reverse ? sock_rev(ctx, addr, &port, 6) : sock_xlate(ctx, addr, &port, 6);
     }
     if (r < 0)
-        return reject(ctx);
+        return reject(ctx, r);
     if (r > 0) {
         ctx->user_ip6[0] = addr[0];
         ctx->user_ip6[1] = addr[1];

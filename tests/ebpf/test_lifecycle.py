@@ -94,6 +94,8 @@ def test_traffic_policy_terminating_and_no_endpoints(topo, bpf_env, running):
         service("local", ["10.96.0.30"], [("http", "TCP", 80, 8080, 0)], internalTrafficPolicy="Local"),
         endpoint_slice("local", 4, WEB_EP_PORTS, [{"ip": ip["pod0"]}, {"ip": ip["pod1"], "node": "node-b"},
                                                   {"ip": ip["pod2"], "node": "node-b"}]),
+        service("nolocal", ["10.96.0.33"], [("http", "TCP", 80, 8080, 0)], internalTrafficPolicy="Local"),
+        endpoint_slice("nolocal", 4, WEB_EP_PORTS, [{"ip": ip["pod1"], "node": "node-b"}]),
         # no ready endpoint: fall back to the serving terminating one
         service("term", ["10.96.0.31"], [("http", "TCP", 80, 8080, 0)]),
         endpoint_slice("term", 4, WEB_EP_PORTS, [
@@ -105,6 +107,9 @@ def test_traffic_policy_terminating_and_no_endpoints(topo, bpf_env, running):
     wait_until(lambda: backends_of(bpf_env, "default/term:") == {f"{ip['pod1']}:8080"}, what="policies programmed")
     r = client(bpf_env, topo.client, "http", "10.96.0.30", 80, "-n", 15)
     assert r["errors"] == 0 and dict(r["counts"]) == {"pod0": 15}, r
+    r = client(bpf_env, topo.client, "http", "10.96.0.33", 80, "-n", 2)
+    # endpoints exist, none on this node: kube-proxy DROPs; the socket LB fails connect() with ETIMEDOUT at once
+    assert r["errors"] == 2 and all(e.startswith("TimeoutError") for e in r["error_list"]), r
     r = client(bpf_env, topo.client, "http", "10.96.0.31", 80, "-n", 10)
     assert r["errors"] == 0 and dict(r["counts"]) == {"pod1": 10}, r
     t0 = time.monotonic()

@@ -28,6 +28,7 @@ FE_LB_IP = 4
 FE_NODE_PORT = 8
 F_SNAT = 0x100  # tc: masquerade the client (externalTrafficPolicy Cluster, or a ClusterIP from outside)
 F_SRC_RANGES = 0x200  # tc: only sources in kp_srcrange for this affinity id (loadBalancerSourceRanges)
+F_DROP = 0x400  # no endpoint for this traffic's policy but some elsewhere: drop (ETIMEDOUT), not reject
 
 BE_LOCAL = 1
 

@@ -81,7 +81,9 @@ def render(sp: ServicePort, eps: tuple[EndpointInfo, ...], node_zone: str = "") 
 
         if cip:
             name_i = use("i", _backends(cat.internal))
-            fes.append(Frontend(m.svc_key(cip, sp.port, sp.protocol, m.KIND_SOCK, fam), name_i, m.FE_CLUSTER_IP))
+            drop = m.F_DROP if not cat.internal and cat.has_any else 0
+            fes.append(Frontend(m.svc_key(cip, sp.port, sp.protocol, m.KIND_SOCK, fam), name_i,
+                                m.FE_CLUSTER_IP | drop))
             fes.append(Frontend(m.svc_key(cip, sp.port, sp.protocol, m.KIND_TC, fam), name_i,
                                 m.FE_CLUSTER_IP | m.F_SNAT))
         if ext_vips or sp.node_port:
