@@ -203,9 +203,7 @@ class Batch:
 
     def commit(self) -> None:
         """Send the batch and wait for every acknowledgement; SyncError (nothing applied) on failure."""
-        if not self.msgs:
-            return
-        commit(self.family, self.msgs)
+        commit_all([self])
 
 
 def _nlmsg(kind: int, flags: int, seq: int, family: int, res_id: int, payload: bytes) -> bytes:
@@ -213,11 +211,14 @@ def _nlmsg(kind: int, flags: int, seq: int, family: int, res_id: int, payload: b
     return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
 
 
-def commit(family: int, msgs: list[tuple[int, bytes]]) -> None:
-    nfproto = _NFPROTO[family]
+def commit_all(batches: list[Batch]) -> None:
+    """Send the element operations of several families' batches as ONE kernel transaction."""
+    msgs = [(_NFPROTO[b.family], kind, payload) for b in batches for kind, payload in b.msgs]
+    if not msgs:
+        return
     parts = [_nlmsg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, socket.AF_UNSPEC, NFNL_SUBSYS_NFTABLES, b"")]
     flags = NLM_F_REQUEST | NLM_F_ACK
-    for i, (kind, payload) in enumerate(msgs, start=1):
+    for i, (nfproto, kind, payload) in enumerate(msgs, start=1):
         f = flags | (NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0)
         parts.append(_nlmsg((NFNL_SUBSYS_NFTABLES << 8) | kind, f, i, nfproto, 0, payload))
     last = len(msgs)

@@ -40,6 +40,7 @@ class NftablesDataPlane(DataPlane):
         self.index: dict[int, ElementIndex] = {4: ElementIndex(), 6: ElementIndex()}
         self.kernel_chains: dict[int, set[str]] = {4: set(), 6: set()}
         self.kernel_sets: dict[int, set[str]] = {4: set(), 6: set()}
+        self._known = {4: False, 6: False}  # kernel_chains/kernel_sets reflect the kernel (after a good sync)
         self.ctx: dict[int, r.Context | None] = {4: None, 6: None}
         self._need_full = True
         self.last_elements = 0
@@ -101,53 +102,62 @@ class NftablesDataPlane(DataPlane):
             self.setup()
         full = full or self._need_full
         result = SyncResult(full=full)
-        elements = 0
-        for fam in self.families:
-            ctx = self._context(snapshot, fam)
-            t0 = time.perf_counter()
-            try:
+        t0 = time.perf_counter()
+        plans: dict[int, Plan] = {}
+        ctxs: dict[int, r.Context] = {}
+        try:
+            for fam in self.families:
+                ctx = ctxs[fam] = self._context(snapshot, fam)
                 if full or ctx != self.ctx[fam]:
-                    plan = self._plan_full(snapshot, ctx)
+                    plans[fam] = self._plan_full(snapshot, ctx)
                 else:
-                    plan = self._plan_partial(snapshot, changes, ctx)
-                t1 = time.perf_counter()
-                self._execute(fam, plan, result)
-            except SyncError:
-                self._need_full = True
-                raise
-            t2 = time.perf_counter()
+                    plans[fam] = self._plan_partial(snapshot, changes, ctx)
+            t1 = time.perf_counter()
+            self._execute(plans, result)
+        except SyncError:
+            self._need_full = True
+            self._known = {4: False, 6: False}
+            raise
+        t2 = time.perf_counter()
+        elements = 0
+        for fam, plan in plans.items():
             self.index[fam] = plan.index
             self.no_local_endpoints[fam] = plan.no_local if plan.no_local is not None else _no_local(plan.index)
             self.kernel_chains[fam], self.kernel_sets[fam] = plan.chains, plan.sets
-            self.ctx[fam] = ctx
+            self._known[fam] = True
+            self.ctx[fam] = ctxs[fam]
             elements += plan.elements
-            result.render_seconds += t1 - t0
-            result.apply_seconds += t2 - t1
+        result.render_seconds = t1 - t0
+        result.apply_seconds = t2 - t1
         self._need_full = False
         self.last_elements = elements
         result.rules = elements
         result.services = len(snapshot.services) if full else len(changes.changed) + len(changes.removed)
         return result
 
-    def _execute(self, fam: int, plan: Plan, result: SyncResult) -> None:
+    def _execute(self, plans: dict[int, Plan], result: SyncResult) -> None:
         """Structure first (additive), then every element change in one transaction, then removals.
 
-        Each step leaves a working ruleset: new chains and maps are unreferenced until the element
-        transaction points frontends at them, and stale ones are unreferenced once it has committed.
+        Both families go together: one ``nft -f`` for new chains and maps, one nfnetlink transaction for
+        all elements, one ``nft -f`` for what is no longer used. Each step leaves a working ruleset: new
+        chains and maps are unreferenced until the element transaction points frontends at them, and
+        stale ones are unreferenced once it has committed.
         """
-        t = f"{r.nft_family(fam)} {r.TABLE}"
+        ts = {fam: f"{r.nft_family(fam)} {r.TABLE}" for fam in plans}
         if not self.use_netlink:
-            script = [*plan.pre, *_ops_text(t, plan.ops), *plan.post]
+            script = [line for fam, p in plans.items() for line in (*p.pre, *_ops_text(ts[fam], p.ops), *p.post)]
             if script:
                 t0 = time.perf_counter()
                 nft.apply("\n".join(script) + "\n")
-                result.extra[f"nft_ipv{fam}_seconds"] = time.perf_counter() - t0
+                result.extra["nft_seconds"] = time.perf_counter() - t0
             return
         t0 = time.perf_counter()
-        if plan.pre:
-            nft.apply("\n".join(plan.pre) + "\n")
+        pre = [line for p in plans.values() for line in p.pre]
+        if pre:
+            nft.apply("\n".join(pre) + "\n")
         t1 = time.perf_counter()
-        if plan.ops:
+        batches = []
+        for fam, plan in plans.items():
             batch = netlink.Batch(fam, r.TABLE)
             for op in plan.ops:
                 if op[0] == "flush":
@@ -156,13 +166,15 @@ class NftablesDataPlane(DataPlane):
                     batch.delete(op[1], op[2])
                 else:
                     batch.add(op[1], op[2])
-            batch.commit()
+            batches.append(batch)
+        netlink.commit_all(batches)
         t2 = time.perf_counter()
-        if plan.post:
-            nft.apply("\n".join(plan.post) + "\n")
+        post = [line for p in plans.values() for line in p.post]
+        if post:
+            nft.apply("\n".join(post) + "\n")
         t3 = time.perf_counter()
-        result.extra[f"nft_ipv{fam}_seconds"] = (t1 - t0) + (t3 - t2)
-        result.extra[f"netlink_ipv{fam}_seconds"] = t2 - t1
+        result.extra["nft_seconds"] = (t1 - t0) + (t3 - t2)
+        result.extra["netlink_seconds"] = t2 - t1
 
     def _plan_full(self, snapshot: ProxySnapshot, ctx: r.Context) -> Plan:
         fam = ctx.family
@@ -195,7 +207,10 @@ class NftablesDataPlane(DataPlane):
             plan.elements += len(elems)
             if s not in TEXT_SETS and elems:
                 plan.ops.append(("add", s, list(elems.items())))
-        old_chains, old_sets = self._kernel_dynamic(fam)
+        if self._known[fam]:
+            old_chains, old_sets = self.kernel_chains[fam], self.kernel_sets[fam]
+        else:
+            old_chains, old_sets = self._kernel_dynamic(fam)
         self._removals(plan, t, old_chains, old_sets)
         return plan
 
@@ -249,18 +264,15 @@ class NftablesDataPlane(DataPlane):
                          for s in sorted(old_sets - plan.sets))
 
     def _kernel_dynamic(self, fam: int) -> tuple[set[str], set[str]]:
-        """Selection/slot chains and per-slot sets in the kernel table (lists names only, no elements)."""
-        f = r.nft_family(fam)
+        """Selection/slot chains and per-slot sets in the kernel table (one terse listing: no elements)."""
         chains, sets = set(), set()
-        for obj in nft.list_json("chains", f, terse=True):
+        for obj in nft.list_json("table", r.nft_family(fam), r.TABLE, terse=True):
             ch = obj.get("chain")
-            if ch and ch.get("table") == r.TABLE and r.is_dynamic_chain(ch.get("name", "")):
+            if ch and r.is_dynamic_chain(ch.get("name", "")):
                 chains.add(ch["name"])
-        for what in ("sets", "maps"):
-            for obj in nft.list_json(what, f, terse=True):
-                st = obj.get("set") or obj.get("map")
-                if st and st.get("table") == r.TABLE and r.is_dynamic_set(st.get("name", "")):
-                    sets.add(st["name"])
+            st = obj.get("set") or obj.get("map")
+            if st and r.is_dynamic_set(st.get("name", "")):
+                sets.add(st["name"])
         return chains, sets
 
     # ---- cleanup and status ---------------------------------------------------------------------
@@ -281,6 +293,7 @@ class NftablesDataPlane(DataPlane):
         self.index = {4: ElementIndex(), 6: ElementIndex()}
         self.kernel_chains = {4: set(), 6: set()}
         self.kernel_sets = {4: set(), 6: set()}
+        self._known = {4: False, 6: False}
         self.ctx = {4: None, 6: None}
         self._need_full = True
         return found
