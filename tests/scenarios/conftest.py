@@ -109,7 +109,11 @@ def sc(request: pytest.FixtureRequest, scenario: Scenario) -> Iterator[Scenario]
     scenario.begin_test()
     request.node._kproxy_scenario = scenario
     yield scenario
+    rc = scenario.daemon_died()
     scenario.end_test()
+    if rc is not None:
+        pytest.fail(f"kproxy ({scenario.mode.id}) exited with {rc} during the test; log tail:\n"
+                    f"{scenario.log()[-3000:]}")
 
 
 @pytest.hookimpl(hookwrapper=True)

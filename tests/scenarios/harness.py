@@ -156,7 +156,6 @@ class Scenario:
         log_name = "kproxy.log" if self.daemon_runs == 1 else f"kproxy.{self.daemon_runs}.log"
         self.daemon = self.topo.start_daemon(self.dir, self.mode.mode, *self.mode.args, *self.flags, *extra,
                                              log_name=log_name)
-        self.log_name = log_name
         if wait:
             try:
                 self.topo.wait_healthy(timeout=30)
@@ -325,9 +324,18 @@ class Scenario:
     def on_cleanup(self, fn: Callable[[], object]) -> None:
         self._cleanups.append(fn)
 
+    def daemon_died(self) -> int | None:
+        """The exit code if the daemon this scenario started has exited on its own, else None."""
+        if self.daemon is not None and self.daemon.poll() is not None:
+            return self.daemon.returncode
+        return None
+
     def begin_test(self) -> None:
         self._test_files.clear()
         self._cleanups.clear()
+        if self.daemon_died() is not None:  # a previous test crashed it (and failed): start afresh
+            self.stop()
+            self.start()
 
     def end_test(self) -> None:
         for fn in reversed(self._cleanups):
