@@ -101,6 +101,7 @@ class DnsService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: asyncio.TimerHandle | None = None
         self._inflight = 0
+        self._syncing = False
         self._tcp_clients = 0
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -121,8 +122,25 @@ class DnsService:
         if self._pending is None and self._loop is not None:
             self._pending = self._loop.call_later(self.debounce, self._run_sync)
 
+    async def initial_sync(self) -> None:
+        """The first, full build (10,000 Services: seconds of CPU) runs in a worker thread on fresh dicts,
+        so the event loop it shares with the proxy keeps running; the result is swapped in here."""
+        builder = self.zone.builder
+        self._syncing = True
+        builder.copy_on_build = True
+        try:
+            t = await asyncio.to_thread(self.zone.sync)
+        finally:
+            builder.copy_on_build = False
+            self._syncing = False
+        if t is not None:
+            self.table = t
+
     def _run_sync(self) -> None:
         self._pending = None
+        if self._syncing:  # the initial build is still running in its thread
+            self._schedule()
+            return
         try:
             self.resync()
         except Exception:
@@ -133,7 +151,7 @@ class DnsService:
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self.store.add_listener(self._on_store_change)
-        self.resync()
+        await self.initial_sync()
         host, port = self.listen
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for attempt in range(20):
