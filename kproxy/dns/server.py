@@ -68,8 +68,10 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        svc = self.svc
+        svc.udp_queries += 1
         try:
-            r = fast_response(data, self.svc.table)
+            r = fast_response(data, svc.table)
             if r is None:
                 r = self.svc.slow(data, False, lambda resp: self.transport.sendto(resp, addr))
             if r is not None:
@@ -95,6 +97,8 @@ class DnsService:
         self.table: Table = self.zone.table
         self.debounce = debounce
         self.errors = 0
+        self.udp_queries = 0
+        self.tcp_queries = 0
         self.forwards = 0
         self.bound: tuple[str, int] | None = None
         self.ready = asyncio.Event()
@@ -146,6 +150,12 @@ class DnsService:
         except Exception:
             log.exception("dns: table rebuild failed; retrying")
             self._schedule()
+
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics: datagrams/messages received, forwards, internal errors, table size."""
+        t = self.table
+        return {"udp_queries": self.udp_queries, "tcp_queries": self.tcp_queries, "forwards": self.forwards,
+                "errors": self.errors, "answers": len(t.answers), "names": len(t.names), "serial": t.serial}
 
     # ---- serving ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -295,6 +305,7 @@ class DnsService:
             while True:
                 hdr = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
                 data = await asyncio.wait_for(reader.readexactly(struct.unpack("!H", hdr)[0]), TCP_IDLE_TIMEOUT)
+                self.tcp_queries += 1
                 try:
                     r = fast_response(data, self.table, True)
                     if r is None:

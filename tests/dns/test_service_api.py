@@ -56,6 +56,8 @@ def test_dns_service_in_the_daemon_shape() -> None:
             src_task.cancel()
             await asyncio.gather(task, src_task, return_exceptions=True)
         assert svc.errors == 0
+        st = svc.stats()
+        assert st["udp_queries"] >= 3 and st["tcp_queries"] == 1 and st["errors"] == 0 and st["answers"] > 10
 
     uvloop.run(main())
 
