@@ -53,7 +53,8 @@ def _backends(chains: dict[str, list[list[str]]], chain: str, depth: int = 0
             for sep_rule in chains.get(target, []):
                 dest = _opt(sep_rule, "--to-destination")
                 if dest:
-                    out.append(BackendStatus(dest, round(share, 4)))
+                    # endpoints selected from a KPROXY-SVL chain are this node's (Local traffic policies)
+                    out.append(BackendStatus(dest, round(share, 4), local=chain.startswith("KPROXY-SVL-")))
         elif target.startswith(("KPROXY-SVC-", "KPROXY-SVL-", "KPROXY-EXT-", "KPROXY-FW-")):
             if "--src-type" in rule or "-s" in rule:
                 continue  # short-circuits for pod / node traffic; the final jump is the one that counts
@@ -95,6 +96,10 @@ def read_status(nat_save: str, filter_save: str, family: int) -> list[ServiceSta
             st = entry(rule)
             comment = _opt(rule, "--comment")
             dest = _opt(rule, "-d").rsplit("/", 1)[0] or "*"
+            if chain == r.SERVICES and not st.frontends:  # a Service without endpoints: show its VIP anyway
+                port = _opt(rule, "--dport")
+                addr = f"[{dest}]:{port}" if ":" in dest else f"{dest}:{port}"
+                st.frontends.append(FrontendStatus("ClusterIP", addr, _opt(rule, "-p").upper()))
             st.notes.append(f"{dest}:{_opt(rule, '--dport')} {comment.split(' ', 1)[1] if ' ' in comment else ''}"
                             f" → {_opt(rule, '-j')}")
     return sorted(by_name.values(), key=lambda s: s.name)
