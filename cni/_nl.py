@@ -2,9 +2,10 @@
 
 Why not ``pyroute2.IPRoute``: importing the ``pyroute2`` package runs its ``__init__`` which pulls in
 NDB, IPDB, conntrack, asyncio and friends -- ~300 ms on this class of machine, more than a whole
-reference-plugin ADD. The message classes (``ifinfmsg``, ``ifaddrmsg``, ``rtmsg``) only cost ~40 ms, so
-we load just those (registering a bare package object for ``pyroute2`` so its ``__init__`` does not run)
-and speak netlink over a plain ``socket``. Encoding/decoding of every message stays pyroute2's.
+reference-plugin ADD. The message classes only cost a fraction of that, so we load just those
+(registering a bare package object for ``pyroute2`` so its ``__init__`` does not run) and speak netlink
+over a plain ``socket``: pyroute2's ``ifaddrmsg`` and ``rtmsg``, and for links :mod:`cni._rtnl`, a subset
+of pyroute2's ``ifinfmsg`` on pyroute2's own nla encoder/decoder.
 
 Network namespaces are entered with ``setns(2)`` through ctypes; a netlink socket stays bound to the
 namespace it was created in, so :class:`NL` objects for the host and the pod can coexist.
@@ -52,6 +53,7 @@ def _load() -> Any:
     global _msgs
     if _msgs is not None:
         return _msgs
+    stub = None
     if "pyroute2" not in sys.modules:
         for d in sys.path:
             pkg = os.path.join(d or ".", "pyroute2")
@@ -61,13 +63,17 @@ def _load() -> Any:
                 stub.__file__ = os.path.join(pkg, "__init__.py")
                 sys.modules["pyroute2"] = stub
                 break
-    from pyroute2.netlink import NLA_F_NESTED
-    from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg, protinfo_bridge
-    from pyroute2.netlink.rtnl.rtmsg import rtmsg
+    try:
+        from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+        from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-    # The kernel only accepts bridge port attributes as a *nested* IFLA_PROTINFO.
-    protinfo_bridge.nla_flags = NLA_F_NESTED
+        from cni._rtnl import ifinfmsg  # a subset of pyroute2's, without its dozen link-kind plugin modules
+    finally:
+        # Don't leave the bare package behind: whoever imports pyroute2 later in this process (tests, the
+        # runtime helper's users) gets the real package, which reuses the submodules loaded here.
+        if stub is not None and sys.modules.get("pyroute2") is stub:
+            del sys.modules["pyroute2"]
+
     _msgs = types.SimpleNamespace(ifinfmsg=ifinfmsg, ifaddrmsg=ifaddrmsg, rtmsg=rtmsg)
     return _msgs
 

@@ -193,3 +193,99 @@ def test_promisc_mode(node: tuple[str, Plugins], netns: Netns, data_dir: str) ->
     pl.ok(bridge_conf("pr", data_dir, "10.244.79.0/24", promiscMode=True), "ADD", "c", netns_path(pod), "eth0")
     br = ip_json(nname, "-d", "link", "show", "kpcnibr0")[0]
     assert br["promiscuity"] >= 1
+
+
+LINK_MESSAGES = [
+    {
+        "attrs": [
+            ("IFLA_IFNAME", "br0"),
+            ("IFLA_MTU", 1400),
+            (
+                "IFLA_LINKINFO",
+                {
+                    "attrs": [
+                        ("IFLA_INFO_KIND", "bridge"),
+                        ("IFLA_INFO_DATA", {"attrs": [("IFLA_BR_VLAN_FILTERING", 1)]}),
+                    ]
+                },
+            ),
+        ]
+    },
+    {
+        "attrs": [
+            ("IFLA_IFNAME", "vethx"),
+            ("IFLA_MTU", 1400),
+            (
+                "IFLA_LINKINFO",
+                {
+                    "attrs": [
+                        ("IFLA_INFO_KIND", "veth"),
+                        (
+                            "IFLA_INFO_DATA",
+                            {
+                                "attrs": [
+                                    (
+                                        "VETH_INFO_PEER",
+                                        {"attrs": [("IFLA_IFNAME", "eth0"), ("IFLA_NET_NS_FD", 5), ("IFLA_MTU", 1400)]},
+                                    )
+                                ]
+                            },
+                        ),
+                    ]
+                },
+            ),
+        ]
+    },
+    {"index": 7, "flags": 1, "change": 1, "attrs": [("IFLA_MASTER", 3)]},
+    {
+        "family": 7,
+        "index": 7,
+        "attrs": [
+            ("IFLA_PROTINFO", {"attrs": [("IFLA_BRPORT_MODE", 1)]}),
+            (
+                "IFLA_AF_SPEC",
+                {"attrs": [("IFLA_BRIDGE_FLAGS", 2), ("IFLA_BRIDGE_VLAN_INFO", {"flags": 6, "vid": 100})]},
+            ),
+        ],
+    },
+    {"index": 0, "attrs": [("IFLA_IFNAME", "eth0")]},
+]
+
+
+@pytest.mark.parametrize("spec", LINK_MESSAGES)
+def test_link_message_subset_encodes_like_pyroute2(spec: dict[str, Any]) -> None:
+    """cni._rtnl.ifinfmsg must put the same bytes on the wire as pyroute2's full ifinfmsg."""
+    from pyroute2.netlink import NLA_F_NESTED
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg as full
+    from pyroute2.netlink.rtnl.ifinfmsg import protinfo_bridge
+
+    from cni._rtnl import ifinfmsg as subset
+
+    saved = protinfo_bridge.nla_flags
+    protinfo_bridge.nla_flags = NLA_F_NESTED  # what the kernel requires for IFLA_PROTINFO
+    try:
+        wire = []
+        for cls in (full, subset):
+            m = cls()
+            for k, v in spec.items():
+                m[k] = v
+            m["header"]["type"], m["header"]["flags"], m["header"]["sequence_number"] = 16, 5, 1
+            m.encode()
+            wire.append(m.data)
+    finally:
+        protinfo_bridge.nla_flags = saved
+    assert wire[0] == wire[1]
+
+
+def test_link_message_subset_decodes_kernel_replies() -> None:
+    """Decode a real RTM_NEWLINK dump (loopback and whatever else exists) with the subset."""
+    from cni import _nl
+
+    with _nl.NL() as nl:
+        links = nl.links()
+        lo = nl.link("lo")
+    assert lo is not None and lo.index == 1 and lo.mac == "00:00:00:00:00:00" and lo.mtu > 0
+    assert any(link.name == "lo" for link in links)
+    import pyroute2  # still the real package afterwards
+
+    assert hasattr(pyroute2, "IPRoute")
