@@ -12,6 +12,7 @@ selection chain — in one transaction. Nothing outside the ``kproxy`` tables is
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -105,6 +106,11 @@ class NftablesDataPlane(DataPlane):
         t0 = time.perf_counter()
         plans: dict[int, Plan] = {}
         ctxs: dict[int, r.Context] = {}
+        # A full sync allocates a few hundred thousand small objects that all stay alive: the cyclic GC
+        # would rescan them repeatedly for nothing (~25 % of the CPU time at 10k Services).
+        gc_was_enabled = gc.isenabled()
+        if full:
+            gc.disable()
         try:
             for fam in self.families:
                 ctx = ctxs[fam] = self._context(snapshot, fam)
@@ -118,6 +124,9 @@ class NftablesDataPlane(DataPlane):
             self._need_full = True
             self._known = {4: False, 6: False}
             raise
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         t2 = time.perf_counter()
         elements = 0
         for fam, plan in plans.items():
