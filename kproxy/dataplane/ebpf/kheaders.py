@@ -82,7 +82,9 @@ def ensure_kernel_source() -> str:
             raise HeadersError(f"BCC_KERNEL_SOURCE={env} does not exist")
         return env
     build = f"/lib/modules/{os.uname().release}/build"
-    if os.path.isdir(os.path.join(build, "include")):
+    # Debian's build link points at the -<arch> directory, which lacks the common sources: only a
+    # complete tree (one with include/linux) is usable as is.
+    if os.path.isfile(os.path.join(build, "include", "linux", "kconfig.h")):
         return build
     pair = find_debian_headers()
     if pair is None:
