@@ -1,13 +1,19 @@
-"""The nftables data plane: flat verdict maps in ``ip kproxy`` / ``ip6 kproxy``, synced with ``nft -f``.
+"""The nftables data plane: flat verdict maps in ``ip kproxy`` / ``ip6 kproxy`` (layout in render.py).
 
-A full sync (start, failure recovery, periodic) rewrites the whole table in one transaction: it flushes
-every Service-derived set and map and re-adds their elements, rewrites the fixed chains, creates the
-shared selection chains in use and deletes the unused ones. Existing connections are untouched (NAT is
-decided once per connection) and the per-slot affinity sets filled by the packet path are kept.
+Rules and chains are few and fixed (one selection chain per distinct endpoint count, not per Service);
+Services are map elements. A sync is at most three steps, each leaving a working ruleset:
 
+1. ``nft -f``: new chains and maps (additive; on a full sync also the fixed chains rewritten);
+2. ONE nfnetlink transaction (:mod:`.netlink`) with every element change of both families — on a full
+   sync: flush every Service-derived map and re-add everything, atomically;
+3. ``nft -f``: delete the chains and maps nothing references any more.
+
+A full sync runs on start, after a failure and on the periodic resync. Existing connections are
+untouched (NAT is decided once per connection) and the affinity sets the packet path fills are kept.
 A partial sync re-renders only the changed service ports, diffs their elements against what was
-committed (kept in memory, see :mod:`.state`) and sends exactly the changed elements — plus any new
-selection chain — in one transaction. Nothing outside the ``kproxy`` tables is ever touched.
+committed (kept in memory, see :mod:`.state`: the kernel is listed only when its state is unknown) and
+sends exactly the changed elements. Nothing outside the ``kproxy`` tables is ever touched.
+``KPROXY_NFT_NETLINK=0`` sends everything through one ``nft -f`` instead (same result, ~5× slower).
 """
 
 from __future__ import annotations
@@ -287,6 +293,10 @@ class NftablesDataPlane(DataPlane):
     # ---- cleanup and status ---------------------------------------------------------------------
     def cleanup(self) -> bool:
         found = False
+        try:
+            nft.available()
+        except SetupError:
+            return False  # no nft tool: nothing of ours can exist (the tables need it to be created)
         for fam in (4, 6):
             f = r.nft_family(fam)
             try:
@@ -297,8 +307,6 @@ class NftablesDataPlane(DataPlane):
             except SyncError as e:
                 log.warning("nftables cleanup of %s %s failed: %s", f, r.TABLE, e)
                 raise
-            except SetupError:
-                return found
         self.index = {4: ElementIndex(), 6: ElementIndex()}
         self.kernel_chains = {4: set(), 6: set()}
         self.kernel_sets = {4: set(), 6: set()}
