@@ -101,6 +101,11 @@ class Table:
         return FORWARD
 
 
+def _target(rtype: int, rdata: bytes) -> bytes:
+    """The name (wire) an SRV or NS record points at."""
+    return rdata[6:] if rtype == SRV else rdata
+
+
 _H = struct.Struct("!H")
 _RRHDR = struct.Struct("!HHIH")
 
@@ -125,7 +130,7 @@ class TableBuilder:
         self.rrsets: dict[tuple[str, int], dict[bytes, int]] = {}  # rdata → refcount, insertion-ordered
         # a name exists while it has RRsets or existing children (empty non-terminals): count of both
         self.name_refs: dict[str, int] = {}
-        self.refs: dict[bytes, set[tuple[str, int]]] = {}  # SRV target wire → SRV RRsets naming it
+        self.refs: dict[bytes, set[tuple[str, int]]] = {}  # SRV/NS target wire → RRsets naming it
         self._touched: set[tuple[str, int]] = set()
         self._names_touched: set[str] = set()
         self._wire_cache: dict[str, bytes] = {}
@@ -174,8 +179,8 @@ class TableBuilder:
             self._ref_name(rr.owner, +1)
         rs[rr.rdata] = rs.get(rr.rdata, 0) + 1
         self._touched.add(key)
-        if rr.rtype == SRV:
-            self.refs.setdefault(rr.rdata[6:], set()).add(key)
+        if rr.rtype in (SRV, NS):
+            self.refs.setdefault(_target(rr.rtype, rr.rdata), set()).add(key)
 
     def _remove(self, rr: RR) -> None:
         key = (rr.owner, rr.rtype)
@@ -185,9 +190,9 @@ class TableBuilder:
         rs[rr.rdata] -= 1
         if rs[rr.rdata] <= 0:
             del rs[rr.rdata]
-            if rr.rtype == SRV:
-                t = rr.rdata[6:]
-                if not any(rd[6:] == t for rd in rs):
+            if rr.rtype in (SRV, NS):
+                t = _target(rr.rtype, rr.rdata)
+                if not any(_target(rr.rtype, rd) == t for rd in rs):
                     s = self.refs.get(t)
                     if s is not None:
                         s.discard(key)
@@ -295,8 +300,8 @@ class TableBuilder:
         pack = _RRHDR.pack
         answer = [b"\xc0\x0c" + pack(rtype, 1, ttl, len(rd)) + rd for rd in rdatas]
         additional: list[bytes] = []
-        if rtype == SRV:
-            for tw in dict.fromkeys(rd[6:] for rd in rdatas):
+        if rtype in (SRV, NS):  # the targets' addresses go to the additional section
+            for tw in dict.fromkeys(_target(rtype, rd) for rd in rdatas):
                 target = self._text_by_wire.get(tw)
                 if target is None:
                     continue

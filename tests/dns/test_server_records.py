@@ -26,7 +26,9 @@ def test_schema_version_soa_ns(server: Server) -> None:
     soa = server.query("cluster.local", "SOA")
     (text,) = rdatas(soa, "SOA")
     assert text.startswith("ns.dns.cluster.local. hostmaster.cluster.local. ")
-    assert rdatas(server.query("cluster.local", "NS"), "NS") == {"ns.dns.cluster.local."}
+    ns = server.query("cluster.local", "NS")
+    assert rdatas(ns, "NS") == {"ns.dns.cluster.local."}
+    assert rdatas(ns, "A", "additional") == {"10.96.0.10"}  # glue
     # the NS target resolves to the kube-dns Service's ClusterIP, as with CoreDNS
     assert rdatas(server.query("ns.dns.cluster.local", "A"), "A") == {"10.96.0.10"}
 

@@ -99,6 +99,18 @@ def test_incremental_equals_full_rebuild() -> None:
     for i in range(1, 30, 3):
         store.apply([Event("MODIFIED", "Service", _svc(f"s{i}", ns=f"n{i % 3}", ip=f"10.96.4.{i + 1}"))])
     zone.sync()
+    # the NS target's address, node records and NodePort SRVs (whose additional sections name other
+    # sources' records) change as well
+    store.apply([Event("ADDED", "Service", _svc("kube-dns", ns="kube-system", ip="10.96.0.10")),
+                 Event("ADDED", "Node", {"metadata": {"name": "n1"}, "status": {"addresses": [
+                     {"type": "InternalIP", "address": "192.0.2.1"}]}}),
+                 Event("ADDED", "Service", {"metadata": {"name": "np", "namespace": "n0"}, "spec": {
+                     "type": "NodePort", "clusterIP": "10.96.8.8",
+                     "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}})])
+    zone.sync()
+    store.apply([Event("MODIFIED", "Node", {"metadata": {"name": "n1"}, "status": {"addresses": [
+        {"type": "InternalIP", "address": "192.0.2.2"}]}})])
+    zone.sync()
     fresh = ClusterZone(store, consumer="dns-fresh")
     fresh.sync()
     soa = lambda t: {k for k in t.answers if k.endswith(b"\x00\x06")}  # noqa: E731 - serials differ
