@@ -765,6 +765,7 @@ def check_mode(mode: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    full = list(argv)
     daemon_extra: list[str] = []
     if "--" in argv:
         i = argv.index("--")
@@ -805,7 +806,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("KPROXY_CACHE_DIR", CACHE)
     from kproxy.testing.topology import Topology, unique_prefix
 
-    meta = {"command": "bench/traffic.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    shown = list(full)
+    if "--json" in shown:  # where the raw numbers went does not belong in the report
+        i = shown.index("--json")
+        del shown[i:i + 2]
+    meta = {"command": "bench/traffic.py " + " ".join(shown),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_before": load_avg()}
     server = build_server()
     mdir = tempfile.mkdtemp(prefix="kpbench-traffic-")
