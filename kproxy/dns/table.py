@@ -264,7 +264,8 @@ class TableBuilder:
             if not rs:
                 answers.pop(ow + _H.pack(rtype), None)
             elif rtype != SOA:  # the SOA is rebuilt below with the new serial
-                answers[ow + _H.pack(rtype)] = self._positive(rtype, list(rs))
+                # canonical (sorted) record order: identical bytes however the RRset was reached
+                answers[ow + _H.pack(rtype)] = self._positive(rtype, sorted(rs))
         for name in self._names_touched:
             w = wire(name)
             if name in self.name_refs:
@@ -306,7 +307,7 @@ class TableBuilder:
                 if target is None:
                     continue
                 for t in (A, AAAA):
-                    for rd in self.rrsets.get((target, t), ()):
+                    for rd in sorted(self.rrsets.get((target, t), ())):
                         additional.append(tw + pack(t, 1, ttl, len(rd)) + rd)
         return make_entry(0, answer, [], additional, self.ra)
 
