@@ -78,7 +78,10 @@ IFF_UP = 0x1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 IFA_F_NODAD = 0x2
 
-BATCH_BYTES = 48 * 1024  # per send(); ACKs for a batch fit easily in the receive buffer
+BATCH_BYTES = 32 * 1024  # per send(); the ACKs of one batch must fit in the receive buffer
+SO_RCVBUFFORCE = 33
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
 
 
 class NetlinkError(OSError):
@@ -208,12 +211,21 @@ class NetlinkSocket:
 
     def __init__(self, proto: int) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, proto)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        # Every ACK is its own skb (~1 KiB of buffer accounting each): a batch of hundreds of requests
+        # overflows the default 208 KiB receive buffer (ENOBUFS). Root may exceed rmem_max.
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+        with contextlib.suppress(OSError):  # do not echo failed requests back in error ACKs
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         self.sock.bind((0, 0))
         self.seq = 1
         self._pending: list[tuple[int, str, bool]] = []  # (seq, description, ignore EEXIST/ENOENT)
         self._buf = bytearray()
         self.errors: list[NetlinkError] = []
+        self._rbuf = bytearray(256 * 1024)  # reused: one recv per ACK, no per-call allocation
+        self._rview = memoryview(self._rbuf)
 
     def close(self) -> None:
         self.sock.close()
@@ -238,8 +250,10 @@ class NetlinkSocket:
         self._buf.clear()
         waiting = {seq: (what, tol) for seq, what, tol in self._pending}
         self._pending.clear()
+        buf, view = self._rbuf, self._rview
         while waiting:
-            data = self.sock.recv(1 << 20)
+            size = self.sock.recv_into(buf)
+            data = view[:size]
             off = 0
             while off + 16 <= len(data):
                 n, mtype, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
@@ -266,7 +280,7 @@ class NetlinkSocket:
                        + payload)
         done = False
         while not done:
-            data = self.sock.recv(1 << 20)
+            data = self.sock.recv(256 * 1024)
             off = 0
             while off + 16 <= len(data):
                 n, rtype, rflags, rseq, _ = struct.unpack_from("=IHHII", data, off)
