@@ -66,7 +66,7 @@ def _comparable(t: Table) -> tuple[dict[bytes, Any], dict[bytes, int], dict[byte
     return answers, dict(t.names), dict(t.cnames)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(events, min_size=1, max_size=4), min_size=1, max_size=8))
 def test_incremental_equals_fresh(batches: list[list[tuple[str, str, dict[str, Any]]]]) -> None:
     store = ClusterStore()
