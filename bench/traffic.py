@@ -668,6 +668,12 @@ def render(results: dict[str, Any], a: argparse.Namespace, meta: dict[str, str])
         f"Median [min–max] over {a.repeats} repeats of {a.duration:g} s; *ratio* = Service path / direct "
         "path, the median [min–max] of the per-repeat ratios (✓ = ratio ≥ 0.95, the target).",
     ]
+    if a.proxy_mode == "ebpf":
+        lines += ["", "ebpf mode: the ClusterIP is translated at connect()/sendmsg() for sockets in the cgroup "
+                  "(wrk and iperf3 run there). Raw frames bypass sockets, so for the packet rows the benchmark "
+                  "also attaches the tc programs to the client's bridge port (`--bpf-interfaces ext0,vcl`): the "
+                  "ClusterIP packet rows measure that tc path (with source NAT), not the socket LB. The tc "
+                  "programs also see the baseline traffic (a map lookup that misses)."]
     if results["packets"]:
         lines += [
             "",
