@@ -225,8 +225,7 @@ class DnsService:
         for attempt in range(20):
             udp_sock = socket.socket(family, socket.SOCK_DGRAM)
             udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            with contextlib.suppress(OSError):
-                udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            _big_rcvbuf(udp_sock)
             udp_sock.bind((host, port))
             bound_port = udp_sock.getsockname()[1]
             tcp_sock = socket.socket(family, socket.SOCK_STREAM)
@@ -399,6 +398,16 @@ def _split_uncompressed(buf: bytes, count: int) -> list[bytes]:
         out.append(buf[i:j + 10 + rdlen])
         i = j + 10 + rdlen
     return out
+
+
+def _big_rcvbuf(sock: socket.socket, size: int = 4 << 20) -> None:
+    """A 4 MiB receive buffer absorbs query bursts; SO_RCVBUFFORCE (CAP_NET_ADMIN, which the daemon has)
+    goes past net.core.rmem_max, else the capped SO_RCVBUF."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), size)
+    except OSError:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 class _Once(asyncio.DatagramProtocol):
