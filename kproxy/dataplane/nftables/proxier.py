@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ...config import ProxyConfig
-from ...snapshot import Changes, ProxySnapshot
+from ...snapshot import Changes, EndpointInfo, ProxySnapshot, ServicePort, ServicePortName
 from .. import DataPlane, ServiceStatus, SetupError, SyncError, SyncResult
 from . import netlink, nft
 from . import render as r
@@ -48,6 +48,9 @@ class NftablesDataPlane(DataPlane):
         self.kernel_chains: dict[int, set[str]] = {4: set(), 6: set()}
         self.kernel_sets: dict[int, set[str]] = {4: set(), 6: set()}
         self._known = {4: False, 6: False}  # kernel_chains/kernel_sets reflect the kernel (after a good sync)
+        # the (ServicePort, endpoints) objects each service port was last rendered from, per family
+        self._rendered_from: dict[int, dict[ServicePortName, tuple[ServicePort, tuple[EndpointInfo, ...]]]] = {
+            4: {}, 6: {}}
         self.ctx: dict[int, r.Context | None] = {4: None, 6: None}
         self._need_full = True
         self.last_elements = 0
@@ -140,6 +143,8 @@ class NftablesDataPlane(DataPlane):
             self.no_local_endpoints[fam] = plan.no_local if plan.no_local is not None else _no_local(plan.index)
             self.kernel_chains[fam], self.kernel_sets[fam] = plan.chains, plan.sets
             self._known[fam] = True
+            if plan.rendered_from is not None:
+                self._rendered_from[fam] = plan.rendered_from
             self.ctx[fam] = ctxs[fam]
             elements += plan.elements
         result.render_seconds = t1 - t0
@@ -196,11 +201,24 @@ class NftablesDataPlane(DataPlane):
         t = f"{ctx.f} {r.TABLE}"
         index = ElementIndex()
         eps = snapshot.endpoints
+        # A resync re-renders only what changed since the last render (the snapshot replaces a service
+        # port's objects when it changes, so identity says "unchanged"); everything keeps its slots.
+        prev = self.index[fam].by_owner if ctx == self.ctx[fam] else {}
+        rendered_from = self._rendered_from[fam]
+        new_from: dict[ServicePortName, tuple[ServicePort, tuple[EndpointInfo, ...]]] = {}
         for spn, sp in snapshot.services.items():
-            index.load(spn, r.render_service(sp, eps.get(spn, ()), ctx))
+            e = eps.get(spn, ())
+            old = prev.get(spn)
+            src = rendered_from.get(spn)
+            if old is not None and src is not None and src[0] is sp and src[1] is e:
+                se = old
+            else:
+                se = r.render_service(sp, e, ctx, old)
+            new_from[spn] = (sp, e)
+            index.load(spn, se)
         index.end_load()
         chains, sets = index.live_chains(), index.live_sets()
-        plan = Plan(index, chains, sets)
+        plan = Plan(index, chains, sets, rendered_from=new_from)
         pre = plan.pre
         pre.extend(self._skeleton(fam))
         pre.extend(r.dynamic_set_declaration(s, fam) for s in sorted(sets))
@@ -234,11 +252,17 @@ class NftablesDataPlane(DataPlane):
         t = f"{ctx.f} {r.TABLE}"
         index = self.index[fam]
         delta = Delta()
+        rendered_from = self._rendered_from[fam]
         internal, external = self.no_local_endpoints.get(fam, (0, 0))
         for spn in sorted(changes.changed | changes.removed):
             sp = snapshot.services.get(spn)
             old = index.by_owner.get(spn)
-            new = r.render_service(sp, snapshot.endpoints.get(spn, ()), ctx, old) if sp is not None else None
+            e = snapshot.endpoints.get(spn, ())
+            new = r.render_service(sp, e, ctx, old) if sp is not None else None
+            if sp is not None:
+                rendered_from[spn] = (sp, e)
+            else:
+                rendered_from.pop(spn, None)
             for se, sign in ((old, -1), (new, 1)):
                 if se is not None and se.no_local:
                     internal += sign * se.no_local.get("internal", False)
@@ -311,6 +335,7 @@ class NftablesDataPlane(DataPlane):
         self.kernel_chains = {4: set(), 6: set()}
         self.kernel_sets = {4: set(), 6: set()}
         self._known = {4: False, 6: False}
+        self._rendered_from = {4: {}, 6: {}}
         self.ctx = {4: None, 6: None}
         self._need_full = True
         return found
@@ -340,6 +365,7 @@ class Plan:
     post: list[str] = field(default_factory=list)
     elements: int = 0
     no_local: tuple[int, int] | None = None  # None: count over the whole index
+    rendered_from: dict[ServicePortName, tuple[ServicePort, tuple[EndpointInfo, ...]]] | None = None
 
 
 def _no_local(index: ElementIndex) -> tuple[int, int]:
