@@ -15,6 +15,7 @@ comment. Interval sets are not (``fw-allow`` stays on the ``nft`` path).
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import socket
 import struct
@@ -50,7 +51,8 @@ JUMPS = {"jump": -3, "goto": -4}
 PROTOS = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "icmpv6": 58}
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
-MAX_MSG = 60000  # bytes of elements per message (well below the 64 KiB attribute limit)
+MAX_MSG = 65000  # bytes of elements per message: the element list is one attribute (u16 length)
+PER_MSG = 400  # elements per message; kproxy's largest elements (with a comment) are < 160 bytes
 
 _SOCK_FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 _NFPROTO = {4: 2, 6: 10}
@@ -182,18 +184,23 @@ class Batch:
         self.msgs.append((NFT_MSG_DELSETELEM, self._header(set_name)))
 
     def _elements(self, kind: int, set_name: str, encoded: Iterable[bytes]) -> None:
+        """Pack encoded elements into messages whose element list stays under the 64 KiB attribute limit."""
         head = self._header(set_name)
-        chunk: list[bytes] = []
-        size = 0
-        for e in encoded:
-            chunk.append(e)
-            size += len(e)
-            self.elements += 1
-            if size >= MAX_MSG:
-                self.msgs.append((kind, head + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, b"".join(chunk))))
-                chunk, size = [], 0
-        if chunk:
-            self.msgs.append((kind, head + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, b"".join(chunk))))
+        it = iter(encoded)
+        while True:
+            # PER_MSG elements of at most MAX_ELEM bytes fit; check the rare oversized chunk below
+            chunk = list(itertools.islice(it, PER_MSG))
+            if not chunk:
+                return
+            self.elements += len(chunk)
+            body = b"".join(chunk)
+            if len(body) > MAX_MSG:
+                half = len(chunk) // 2
+                parts = [b"".join(chunk[:half]), b"".join(chunk[half:])]
+            else:
+                parts = [body]
+            for part in parts:
+                self.msgs.append((kind, head + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, part)))
 
     def add(self, set_name: str, items: Iterable[tuple[str, str]]) -> None:
         self._elements(NFT_MSG_NEWSETELEM, set_name, (encode_element(k, t) for k, t in items))

@@ -239,7 +239,7 @@ class NftablesDataPlane(DataPlane):
         for s, elems in index.current.items():
             plan.elements += len(elems)
             if s not in TEXT_SETS and elems:
-                plan.ops.append(("add", s, list(elems.items())))
+                plan.ops.append(("add", s, elems.items()))  # type: ignore[arg-type]
         if self._known[fam]:
             old_chains, old_sets = self.kernel_chains[fam], self.kernel_sets[fam]
         else:
