@@ -221,6 +221,30 @@ def test_other_tables_untouched_and_cleanup_and_recovery(netns: str) -> None:
     assert after == before
 
 
+def test_full_resync_keeps_affinity_memory_and_slots(netns: str) -> None:
+    out = run_in(netns, """
+        dp = NftablesDataPlane(cfg)
+        dp.setup()
+        s, sl = svc(3, 4)
+        s["spec"]["sessionAffinity"] = "ClientIP"
+        s["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 600}}
+        apply(s, sl, *svc(4, 2))
+        dp.sync(snap, snap.update(), True)
+        # what the packet path records for a client pinned to slot 2 (update @aff-2 in a2-600-e)
+        subprocess.run(["nft", "add", "element", "ip", "kproxy", "aff-2",
+                        "{ 10.244.1.100 . 10.96.0.4 . tcp . 80 timeout 600s }"], check=True)
+        before = {"ep2": elems("ip", "ep-e-2")}
+        dp.sync(snap, snap.update(), True)  # the periodic full resync
+        after = {"ep2": elems("ip", "ep-e-2")}
+        aff = [o for o in nft_json("set", "ip", "kproxy", "aff-2") if "set" in o][0]["set"].get("elem", [])
+        chain = [o for o in nft_json("chain", "ip", "kproxy", "c-4-a600") if "rule" in o]
+        print(json.dumps({"before": before, "after": after, "aff": aff, "rules": len(chain)}))
+    """)
+    assert out["before"] == out["after"]
+    assert len(out["aff"]) == 1 and out["aff"][0]["elem"]["val"]["concat"][:2] == ["10.244.1.100", "10.96.0.4"]
+    assert out["rules"] == 4 + 1 + 1  # 4 affinity lookups, the random pick, the masquerade rule
+
+
 # ---- traffic -----------------------------------------------------------------------------------------
 
 def _counts(topo: Topology, ns: str, kind: str, ip: str, port: int, n: int) -> dict[str, int]:
