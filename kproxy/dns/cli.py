@@ -47,7 +47,8 @@ def _make_source(args: argparse.Namespace) -> Any:
 
 
 def serve_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kproxy dns", description="Serve the cluster DNS zone (UDP+TCP).")
+    p = argparse.ArgumentParser(prog="kproxy dns", description="Serve the cluster DNS zone (UDP+TCP).",
+                                epilog="'kproxy dns export --help': write the zone as RFC 1035 master files.")
     _source_args(p)
     p.add_argument("--listen", default="127.0.0.1:53", help="ADDR:PORT to serve on (default 127.0.0.1:53)")
     p.add_argument("--upstream", default="", help="forward other names to ADDR[:PORT] (default: REFUSED)")
