@@ -63,6 +63,10 @@ def test_export_from_kubeconfig(kubeconfig: tuple[str, Any]) -> None:
                          capture_output=True, text=True, timeout=90, check=True).stdout
     assert "web.default.svc.cluster.local. 5 IN A 10.96.0.20" in out
     assert "_pg._tcp.db.data.svc.cluster.local. 5 IN SRV 0 50 5432 db-0.db.data.svc.cluster.local." in out
+    # all Nodes are watched (not just one node's, as the proxy daemon does): the nodeport extension
+    assert "node-a.node.cluster.local. 5 IN A 192.168.50.1" in out
+    assert "node-b.node.cluster.local. 5 IN A 192.168.50.2" in out
+    assert "_http._tcp.np.default.nodeport.cluster.local. 5 IN SRV 0 50 30080 node-b.node.cluster.local." in out
 
 
 def test_serve_from_kubeconfig_follows_watch(kubeconfig: tuple[str, Any], tmp_path: Path) -> None:
