@@ -16,7 +16,7 @@ import pytest
 
 from kproxy.testing import vm
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(2700)]
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = "ip_vs ip_vs_rr ip_vs_wrr ip_vs_lc ip_vs_sh ip_vs_mh nf_conntrack br_netfilter veth bridge dummy"
@@ -36,7 +36,7 @@ def vm_results(vm_kernel: str, tmp_path_factory: pytest.TempPathFactory) -> dict
         f"{sys.executable} -m pytest -p no:cacheprovider -o addopts= -q -rA --timeout 600 "
         f"tests/ipvs/vm_scenarios.py --junitxml={job}/junit.xml\n"
     )
-    r = vm.run_in_vm(script, timeout=1300, job_dir=str(job), memory_mb=1536)
+    r = vm.run_in_vm(script, timeout=2400, job_dir=str(job), memory_mb=1536)
     junit = job / "junit.xml"
     if not junit.exists():
         pytest.fail(f"no junit XML from the VM\n{r.describe()}")
