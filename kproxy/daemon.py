@@ -53,7 +53,7 @@ class Daemon:
             return ManifestsSource(self.config.manifests)
         from .sources.kube import KubeSource
 
-        return KubeSource(self.config)
+        return KubeSource(self.config, all_nodes=bool(self.config.dns_listen))
 
     def _start_servers(self) -> None:
         from . import healthz, metrics

@@ -41,13 +41,9 @@ def _make_source(args: argparse.Namespace) -> Any:
 
         return ManifestsSource(args.manifests)
     from ..config import ProxyConfig
-    from ..sources.kube import KubeSource, Resource
-    from ..store import KIND_NODE
+    from ..sources.kube import KubeSource
 
-    source = KubeSource(ProxyConfig(kubeconfig=args.kubeconfig))
-    # the node daemon watches only its own Node; DNS publishes every node (<node>.node.<zone>, nodeport SRV)
-    source.resources = tuple(Resource(r.kind, r.path) if r.kind == KIND_NODE else r for r in source.resources)
-    return source
+    return KubeSource(ProxyConfig(kubeconfig=args.kubeconfig), all_nodes=True)
 
 
 def serve_main(argv: list[str]) -> int:

@@ -100,13 +100,14 @@ class Resource:
     field_selector: str = ""
 
 
-def resources_for(node_name: str) -> tuple[Resource, ...]:
+def resources_for(node_name: str, all_nodes: bool = False) -> tuple[Resource, ...]:
     """The three collections kproxy watches. Services are not filtered server-side: DNS wants all of them
-    (the store itself ignores ``service.kubernetes.io/service-proxy-name`` Services for proxying)."""
+    (the store itself ignores ``service.kubernetes.io/service-proxy-name`` Services for proxying). The
+    proxy needs only its own Node; DNS publishes every node (``<node>.node.<zone>``, nodeport SRV)."""
     return (
         Resource(KIND_SERVICE, "/api/v1/services"),
         Resource(KIND_SLICE, "/apis/discovery.k8s.io/v1/endpointslices"),
-        Resource(KIND_NODE, "/api/v1/nodes", f"metadata.name={node_name}"),
+        Resource(KIND_NODE, "/api/v1/nodes", "" if all_nodes else f"metadata.name={node_name}"),
     )
 
 
@@ -233,10 +234,11 @@ class KubeSource:
         min_watch_timeout: int = MIN_WATCH_TIMEOUT,
         watch_read_slack: float = WATCH_READ_SLACK,
         page_size: int = PAGE_SIZE,
+        all_nodes: bool = False,
     ) -> None:
         self.config = config
         self.node_name = config.node_name
-        self.resources = resources_for(self.node_name)
+        self.resources = resources_for(self.node_name, all_nodes)
         self.backoff_initial = backoff_initial
         self.backoff_cap = backoff_cap
         self.min_watch_timeout = min_watch_timeout
