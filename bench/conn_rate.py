@@ -315,7 +315,10 @@ def main() -> int:
                     t0 = time.monotonic()
                     p = topo.start_daemon(mdir, mode, *extra, log_name=f"kproxy-{mode}-{size}.log")
                     try:
-                        topo.wait_healthy(timeout=600)
+                        try:
+                            topo.wait_healthy(timeout=600)
+                        except TimeoutError as e:
+                            raise TimeoutError(f"{e}\n{topo.read_log(f'kproxy-{mode}-{size}.log')}") from None
                         ready = time.monotonic() - t0
                         # the first sync may report healthy before the measured Service is reachable
                         for _ in range(100):
