@@ -1,8 +1,9 @@
 """Smoke test of the data-path benchmark (bench/traffic.py): a tiny run against the iptables mode.
 
-It runs the real tool (topology in namespaces, daemon, scapy-built frames over AF_PACKET, wrk, iperf3) with
-tiny durations and checks that the numbers are sane: packets and connections got delivered through the
-Service and straight to the pods, every backend got a share, no client errors.
+It runs the real tool (topology in namespaces, daemon, scapy-built frames over AF_PACKET, wrk with
+``Connection: close``, iperf3; the keep-alive wrk run is left out for time) with tiny durations and checks
+that the numbers are sane: packets and connections got delivered through the Service and straight to the
+pods, every backend got a share, no client errors.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def test_traffic_benchmark_smoke(tmp_path: Path) -> None:
     out, js = os.path.join(tmp_path, "traffic.md"), os.path.join(tmp_path, "traffic.json")
     p = subprocess.run([sys.executable, TOOL, "--proxy-mode", "iptables", "--iptables-backend", "legacy",
                         "--duration", "0.5", "--repeats", "1", "--flows", "256", "--sources", "16",
-                        "--connections", "4", "--out", out, "--json", js],
+                        "--connections", "4", "--only", "packets,conn,iperf", "--out", out, "--json", js],
                        capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = json.loads(Path(js).read_text())["summary"]
@@ -52,7 +53,6 @@ def test_traffic_benchmark_smoke(tmp_path: Path) -> None:
     conn = summary["conn"]
     assert conn["svc"] > 10 and conn["direct"] > 10 and conn["errors"] == 0, conn
     assert list(conn["share"]) == pods and min(conn["share"].values()) > 0.1, conn["share"]
-    assert summary["http"]["svc"] > 10 and summary["http"]["direct"] > 10, summary["http"]
     for label, r in summary["iperf"].items():
         assert r["svc"] > 0.01 and r["direct"] > 0.01, (label, r)
     report = Path(out).read_text()
