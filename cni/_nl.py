@@ -352,11 +352,9 @@ class NL:
         msg["index"] = index
         attrs: list[Any] = [("IFA_LOCAL", address), ("IFA_ADDRESS", address)]
         if family == 2 and prefixlen < 31 and not delete:
-            import ipaddress
+            from cni._ip import Net
 
-            attrs.append(
-                ("IFA_BROADCAST", str(ipaddress.ip_network(f"{address}/{prefixlen}", False).broadcast_address))
-            )
+            attrs.append(("IFA_BROADCAST", str(Net.parse(f"{address}/{prefixlen}").broadcast_address)))
         if family == 10 and not delete:
             msg["flags"] = IFA_F_NODAD  # no tentative phase: the pod is usable as soon as ADD returns
         msg["attrs"] = attrs

@@ -186,7 +186,7 @@ def _postrouting_jumps(family: int, chain: str, listing: Listing | None = None) 
 
 def setup_masq(family: int, name: str, cid: str, ips: list[tuple[str, int]], listing: Listing | None = None) -> None:
     """Install the masquerade chain for one pod; idempotent (re-running yields the same rules)."""
-    import ipaddress
+    from cni._ip import Net
 
     chain = chain_name(name, cid)
     comment = _quote(_comment(name, cid))
@@ -195,7 +195,7 @@ def setup_masq(family: int, name: str, cid: str, ips: list[tuple[str, int]], lis
     existing = set(_postrouting_jumps(family, chain, listing))
     lines = ["*nat", f":{chain} - [0:0]"]  # with --noflush this creates the chain, or flushes it if present
     for ip, plen in ips:
-        net = ipaddress.ip_network(f"{ip}/{plen}", strict=False)
+        net = Net.parse(f"{ip}/{plen}")
         lines.append(f"-A {chain} -d {net} -m comment --comment {comment} -j ACCEPT")
     lines.append(f"-A {chain} ! -d {mcast} -m comment --comment {comment} -j MASQUERADE")
     for ip, _ in ips:
@@ -304,18 +304,18 @@ def _ensure_bridge(nl: Any, bc: BridgeConf) -> Any:
 
 def _ensure_gateway_addr(nl: Any, br: Any, gw: str, plen: int, force: bool) -> None:
     """Put the gateway address on the bridge (reference ``ensureAddr`` semantics, incl. ``forceAddress``)."""
-    import ipaddress
+    from cni._ip import IP, Net
 
     fam = _family(gw)
-    want = ipaddress.ip_interface(f"{gw}/{plen}")
+    want_ip, want_net = IP.parse(gw), Net.parse(f"{gw}/{plen}")
     for _, addr, alen in nl.addrs(br.index, fam):
-        have = ipaddress.ip_interface(f"{addr}/{alen}")
-        if have == want:
+        have_ip, have_net = IP.parse(addr), Net.parse(f"{addr}/{alen}")
+        if have_ip == want_ip and alen == plen:
             return
-        if fam == AF_INET6 and (have.is_link_local or not have.network.overlaps(want.network)):
+        if fam == AF_INET6 and (have_ip.is_link_local or not have_net.overlaps(want_net)):
             continue  # several IPv6 gateways (one per subnet) may share the bridge
         if not force:
-            raise CNIError(ERR_INTERNAL, f"{br.name!r} already has an IP address different from {want.with_prefixlen}")
+            raise CNIError(ERR_INTERNAL, f"{br.name!r} already has an IP address different from {gw}/{plen}")
         nl.add_addr(br.index, fam, addr, alen, delete=True)
     try:
         nl.add_addr(br.index, fam, gw, plen)
@@ -435,11 +435,11 @@ def cmd_add(args: Args) -> dict[str, Any]:
         if ipam is not None:
             res = ipam.result() or res
             if bc.is_gw:
-                import ipaddress
+                from cni._ip import Net
 
                 for ipc in res["ips"]:
                     if not ipc.get("gateway"):
-                        ipc["gateway"] = str(ipaddress.ip_interface(ipc["address"]).network.network_address + 1)
+                        ipc["gateway"] = str(Net.parse(ipc["address"]).network_address + 1)
             if bc.is_default_gw:
                 _add_default_routes(bc, res)
         with _NS(ns_fd):

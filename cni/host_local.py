@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import sys
 
+from cni._ip import IP, Net
 from cni._skel import (
     ERR_INTERNAL,
     ERR_INVALID_CONFIG,
@@ -46,21 +47,14 @@ LINE_BREAK = "\r\n"
 LAST_IP_PREFIX = "last_reserved_ip."
 
 
-def _ipmod() -> Any:
-    import ipaddress
-
-    return ipaddress
-
-
 class Range:
     """One ``{subnet, rangeStart, rangeEnd, gateway}`` entry, canonicalized like the reference does."""
 
     def __init__(self, raw: dict[str, Any]) -> None:
-        ipa = _ipmod()
         if not isinstance(raw, dict) or not raw.get("subnet"):
             raise CNIError(ERR_INVALID_CONFIG, "range has no subnet")
         try:
-            self.subnet = ipa.ip_network(str(raw["subnet"]), strict=False)
+            self.subnet = Net.parse(str(raw["subnet"]))
         except ValueError as e:
             raise CNIError(ERR_INVALID_CONFIG, f"invalid subnet {raw['subnet']!r}: {e}") from None
         net = self.subnet
@@ -78,7 +72,7 @@ class Range:
         if not value:
             return default
         try:
-            ip = _ipmod().ip_address(str(value))
+            ip = IP.parse(str(value))
         except ValueError:
             raise CNIError(ERR_INVALID_CONFIG, f"invalid {what} {value!r}") from None
         if check_subnet and ip not in self.subnet:
@@ -92,7 +86,7 @@ class Range:
         return self.start.version == other.start.version and self.start <= other.end and other.start <= self.end
 
     def size(self) -> int:
-        n = int(self.end) - int(self.start) + 1
+        n = self.end.value - self.start.value + 1
         return n - 1 if self.contains(self.gateway) else n
 
     def __str__(self) -> str:
@@ -136,7 +130,6 @@ class IPAMConfig:
 
     @staticmethod
     def _requested_ips(args: Args, conf: dict[str, Any]) -> list[Any]:
-        ipa = _ipmod()
         raw: list[str] = []
         cni_args = args.cni_args() if args.args else {}
         if cni_args.get("IP"):
@@ -150,7 +143,7 @@ class IPAMConfig:
         out = []
         for s in raw:
             try:
-                ip = ipa.ip_address(str(s).split("/")[0])
+                ip = IP.parse(str(s).split("/")[0])
             except ValueError:
                 raise CNIError(ERR_INVALID_CONFIG, f"invalid requested IP {s!r}") from None
             if ip not in out:
@@ -204,19 +197,18 @@ class Store:
     def last_reserved(self, set_idx: int) -> Any:
         try:
             with open(os.path.join(self.dir, f"{LAST_IP_PREFIX}{set_idx}"), "rb") as f:
-                return _ipmod().ip_address(f.read().decode().strip())
+                return IP.parse(f.read().decode().strip())
         except (OSError, ValueError):
             return None
 
     def entries(self) -> list[tuple[Any, str, str]]:
         """All allocations as (ip, containerID, ifname); ifname is "" for the pre-0.7 ID-only format."""
-        ipa = _ipmod()
         out = []
         for name in os.listdir(self.dir):
             if name == "lock" or name.startswith(LAST_IP_PREFIX):
                 continue
             try:
-                ip = ipa.ip_address(name)
+                ip = IP.parse(name)
             except ValueError:
                 continue
             try:
@@ -366,9 +358,8 @@ def cmd_check(args: Args) -> None:
         raise CNIError(ERR_INTERNAL, "host-local: Failed to find address added")
     prev = args.conf.get("prevResult")
     if isinstance(prev, dict):
-        ipa = _ipmod()
         for ipc in prev.get("ips") or []:
-            ip = ipa.ip_interface(ipc["address"]).ip
+            ip = IP.parse(str(ipc["address"]).split("/")[0])
             if any(r.contains(ip) for rs in conf.range_sets for r in rs) and ip not in mine:
                 raise CNIError(ERR_INTERNAL, f"host-local: address {ip} is not allocated to {args.container_id}")
 

@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cni import _json, runtime
+from cni._ip import IP, Net
 from cni._skel import CNIError, convert_result, parse_invocation
 from cni.host_local import Range, _iter_candidates
 
@@ -101,13 +102,44 @@ def test_parse_invocation_errors(env: dict[str, str], raw: bytes, code: int) -> 
     assert ei.value.code == code
 
 
+v4 = st.integers(0, 2**32 - 1).map(lambda v: ipaddress.IPv4Address(v))
+v6 = (
+    st.integers(0, 2**128 - 1)
+    .map(lambda v: ipaddress.IPv6Address(v))
+    .filter(
+        lambda a: a.ipv4_mapped is None and a not in ipaddress.ip_network("::/96")  # dotted-quad spellings differ
+    )
+)
+
+
+@given(st.one_of(v4, v6), st.integers(0, 128), st.integers(-3, 3))
+def test_ip_arithmetic_matches_ipaddress(addr: Any, plen: int, delta: int) -> None:
+    ip = IP.parse(str(addr))
+    assert str(ip) == str(addr) and ip.version == addr.version and ip.value == int(addr)
+    assert IP.parse(str(ip)) == ip and hash(IP.parse(str(ip))) == hash(ip)
+    if 0 <= int(addr) + delta < 2 ** (32 if addr.version == 4 else 128):
+        assert str(ip + delta) == str(addr + delta)
+        assert (ip + delta > ip) == (delta > 0) and (ip + delta == ip) == (delta == 0)
+    plen = min(plen, addr.max_prefixlen)
+    net, ref = Net.parse(f"{addr}/{plen}"), ipaddress.ip_network(f"{addr}/{plen}", strict=False)
+    assert str(net) == str(ref) and str(net.broadcast_address) == str(ref.broadcast_address)
+    assert (ip in net) and (IP.parse(str(ref.network_address)) in net)
+    assert ip.is_link_local == addr.is_link_local
+
+
+@pytest.mark.parametrize("bad", ["", "1.2.3", "1.2.3.256", "010.1.1.1", "fe80::1::2", "10.0.0.0/33x", "lock"])
+def test_ip_parse_rejects_garbage(bad: str) -> None:
+    with pytest.raises(ValueError):
+        Net.parse(bad)
+
+
 def _ranges(*specs: dict[str, str]) -> list[Range]:
     return [Range(s) for s in specs]
 
 
 def test_iteration_order_matches_reference_semantics() -> None:
     rs = _ranges({"subnet": "10.0.0.0/29"}, {"subnet": "10.0.1.0/30"})
-    ip = ipaddress.ip_address
+    ip = IP.parse
     fresh = [str(x) for x in _iter_candidates(rs, None)]
     assert fresh == ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.1.1", "10.0.1.2"]
     after = [str(x) for x in _iter_candidates(rs, ip("10.0.0.6"))]
