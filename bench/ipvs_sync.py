@@ -83,7 +83,8 @@ def child(mode: str, backend: str, size: int, endpoints: int, partial_repeat: in
         vs = subprocess.run(["ipvsadm", "-Ln"], capture_output=True, text=True).stdout
         out["virtual_servers"] = sum(1 for line in vs.splitlines() if line.startswith("TCP"))
         out["real_servers"] = sum(1 for line in vs.splitlines() if "->" in line and "RemoteAddress" not in line)
-        saved = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
+        saved = subprocess.run([f"iptables-{backend}-save" if backend else "iptables-save"], capture_output=True,
+                               text=True).stdout
         out["iptables_rules"] = sum(1 for line in saved.splitlines() if line.startswith("-A KPROXY-"))
         close = getattr(dp, "close", None)
         if close:
