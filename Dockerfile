@@ -26,7 +26,9 @@ RUN set -eux; \
     chmod 0755 /opt/kproxy/deploy/cni/install-cni.sh; \
     /opt/kproxy/.venv/bin/kproxy --version
 
+# the ebpf mode compiles bpf/kproxy_lb.c (or loads KPROXY_BPF_OBJECT, a precompiled object) at start
 ENV PATH=/opt/kproxy/.venv/bin:$PATH \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    KPROXY_BPF_DIR=/opt/kproxy/bpf
 
 ENTRYPOINT ["/opt/kproxy/.venv/bin/kproxy"]

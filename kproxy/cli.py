@@ -262,13 +262,14 @@ def status_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="kproxy status", description="Print what the kernel holds, by Service.")
     ap.add_argument("--proxy-mode", default="", help="mode to read (default: every mode with state)")
     ap.add_argument("--iptables-backend", default="auto")
+    ap.add_argument("--bpf-pin-path", default=ProxyConfig().bpf_pin_path, help="bpffs directory of the ebpf maps")
     ap.add_argument("-o", "--output", choices=("table", "json"), default="table")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from . import dataplane
     from .status import collect, format_table
 
-    cfg = ProxyConfig(iptables_backend=a.iptables_backend)
+    cfg = ProxyConfig(iptables_backend=a.iptables_backend, bpf_pin_path=a.bpf_pin_path)
     modes = [a.proxy_mode] if a.proxy_mode else list(dataplane.MODES)
     try:
         results = collect(cfg, modes, explicit=bool(a.proxy_mode))
