@@ -11,7 +11,9 @@
 #   --conf-dir      where to write 10-kproxy.conflist      (env CNI_CONF_DIR,     default /host/etc/cni/net.d)
 #   --node-bin-dir  the bin dir as the *node* sees it      (env CNI_NODE_BIN_DIR, default /opt/cni/bin)
 #   --python        interpreter on the node (>= 3.11)      (env CNI_NODE_PYTHON,  default /usr/bin/python3)
-#   --pod-cidr      this node's pod CIDR for the conflist  (env POD_CIDR,         default 10.244.0.0/24)
+#   --pod-cidr      this node's pod CIDR for the conflist  (env POD_CIDR; in a cluster, default: the Node's
+#                   spec.podCIDR read from the API with the pod's service account and env NODE_NAME;
+#                   elsewhere 10.244.0.0/24)
 #   --conflist      conflist template to install            (env CNI_CONFLIST,     default: 10-kproxy.conflist
 #                   next to this script, else the built-in copy of it)
 #   --no-conf       install the binaries only
@@ -28,7 +30,7 @@ BIN_DIR=${CNI_BIN_DIR:-/host/opt/cni/bin}
 CONF_DIR=${CNI_CONF_DIR:-/host/etc/cni/net.d}
 NODE_BIN_DIR=${CNI_NODE_BIN_DIR:-/opt/cni/bin}
 NODE_PYTHON=${CNI_NODE_PYTHON:-/usr/bin/python3}
-POD_CIDR=${POD_CIDR:-10.244.0.0/24}
+POD_CIDR=${POD_CIDR:-}
 SRC_PYTHON=${SRC_PYTHON:-python3}   # the interpreter that has kproxy (and pyroute2) installed, in the image
 WRITE_CONF=1
 CONFLIST=${CNI_CONFLIST:-}
@@ -47,6 +49,30 @@ while [ $# -gt 0 ]; do
     *) echo "install-cni.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
+# Every node needs its own pod range (kube-controller-manager's Node.spec.podCIDR): the downward API cannot
+# expose it, so in a cluster it is read from the API server with the pod's service account.
+node_pod_cidr() {
+  "$SRC_PYTHON" - <<'PY'
+import json, os, ssl, urllib.request
+sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+if ":" in host:
+    host = f"[{host}]"
+with open(sa + "/token") as f:
+    token = f.read().strip()
+req = urllib.request.Request(f"https://{host}:{port}/api/v1/nodes/{os.environ['NODE_NAME']}",
+                             headers={"Authorization": "Bearer " + token, "Accept": "application/json"})
+ctx = ssl.create_default_context(cafile=sa + "/ca.crt")
+spec = json.load(urllib.request.urlopen(req, context=ctx, timeout=10)).get("spec") or {}
+cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+print(cidrs[0] if cidrs else "")
+PY
+}
+if [ -z "$POD_CIDR" ] && [ "$WRITE_CONF" = 1 ] && [ -n "${KUBERNETES_SERVICE_HOST:-}" ] && [ -n "${NODE_NAME:-}" ]; then
+  POD_CIDR=$(node_pod_cidr) || { echo "install-cni.sh: cannot read Node $NODE_NAME's podCIDR" >&2; exit 1; }
+  [ -n "$POD_CIDR" ] || { echo "install-cni.sh: Node $NODE_NAME has no spec.podCIDR (set POD_CIDR)" >&2; exit 1; }
+fi
+POD_CIDR=${POD_CIDR:-10.244.0.0/24}
 # Installing straight onto a node (no hostPath indirection): the node path is the bin dir itself.
 [ -n "$node_bin_set" ] || [ "$BIN_DIR" != "${BIN_DIR#/host/}" ] || NODE_BIN_DIR=$BIN_DIR
 
