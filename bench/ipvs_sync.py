@@ -134,8 +134,9 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         f"Measured {meta['date']} with `bench/ipvs_sync.py` in the IPVS test VM: Debian kernel {meta['kernel']} "
         f"under qemu **TCG software emulation** (`-accel tcg,thread=multi -cpu max`, {meta['cpus']} vCPUs, "
-        f"{meta['memory_mb']} MiB) on a {meta['host_cpus']}-core host. Python runs roughly 6x slower than natively "
-        "in this VM and every process start is expensive, so absolute numbers are pessimistic; the modes are "
+        f"{meta['memory_mb']} MiB) on a {meta['host_cpus']}-core host shared with other jobs. Emulated Python runs "
+        "10-50x slower than natively here and every process start (iptables-restore, ipset) is expensive, so "
+        "absolute numbers are very pessimistic and noisy; the modes are "
         "compared on the same VM and the same inputs (`bench/gen.py`: N Services x 10 endpoints, every 10th "
         "Service a NodePort, one node address).",
         "",
