@@ -140,13 +140,13 @@ class ProxyMetrics:
         self.conntrack_reconciler_deleted_entries_total = counter(
             "kubeproxy_conntrack_reconciler_deleted_entries_total",
             "Cumulative conntrack flows deleted by conntrack reconciler", fam)
-        # --- iptables (full/partial split and rule counts), ipvs (restore failures)
+        # --- iptables and nftables (full/partial split), iptables (rule counts), ipvs (restore failures)
         self.sync_full_proxy_rules_latency = hist(
             "kubeproxy_sync_full_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for full resyncs",
-            SYNC_BUCKETS, fam, register=iptables)
+            SYNC_BUCKETS, fam, register=iptables or nft)
         self.sync_partial_proxy_rules_latency = hist(
             "kubeproxy_sync_partial_proxy_rules_duration_seconds",
-            "SyncProxyRules latency in seconds for partial resyncs", SYNC_BUCKETS, fam, register=iptables)
+            "SyncProxyRules latency in seconds for partial resyncs", SYNC_BUCKETS, fam, register=iptables or nft)
         self.iptables_restore_failures_total = counter(
             "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
             "Cumulative proxy iptables restore failures", fam, register=restore)

@@ -32,18 +32,23 @@ COMMON = {
     "kubeproxy_conntrack_reconciler_deleted_entries_total": ("counter", {"ip_family"}),
     "kproxy_info": ("gauge", {"mode", "version"}),
 }
-IPTABLES = {
+FULL_PARTIAL = {  # kube-proxy registers the full/partial split in iptables and nftables modes
     "kubeproxy_sync_full_proxy_rules_duration_seconds": ("histogram", {"ip_family"}),
     "kubeproxy_sync_partial_proxy_rules_duration_seconds": ("histogram", {"ip_family"}),
+}
+IPTABLES = {
+    **FULL_PARTIAL,
     "kubeproxy_sync_proxy_rules_iptables_total": ("gauge", {"ip_family", "table"}),
     "kubeproxy_sync_proxy_rules_iptables_last": ("gauge", {"ip_family", "table"}),
     "kubeproxy_sync_proxy_rules_iptables_restore_failures_total": ("counter", {"ip_family"}),
     "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total": ("counter", {"ip_family"}),
 }
-NFTABLES = {
+NFTABLES_ONLY = {
     "kubeproxy_sync_proxy_rules_nftables_sync_failures_total": ("counter", {"ip_family"}),
     "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total": ("counter", {"ip_family"}),
 }
+NFTABLES = {**NFTABLES_ONLY, **FULL_PARTIAL}
+IPTABLES_ONLY = {k: v for k, v in IPTABLES.items() if k not in FULL_PARTIAL}
 
 
 def exposition(m: ProxyMetrics) -> dict[str, object]:
@@ -76,10 +81,10 @@ def exercise(m: ProxyMetrics) -> None:
 
 
 @pytest.mark.parametrize(("mode", "extra", "absent"), [
-    ("iptables", IPTABLES, NFTABLES),
-    ("nftables", NFTABLES, IPTABLES),
+    ("iptables", IPTABLES, NFTABLES_ONLY),
+    ("nftables", NFTABLES, IPTABLES_ONLY),
     ("ipvs", {"kubeproxy_sync_proxy_rules_iptables_restore_failures_total": ("counter", {"ip_family"})},
-     {**NFTABLES, "kubeproxy_sync_full_proxy_rules_duration_seconds": None}),
+     {**NFTABLES_ONLY, "kubeproxy_sync_full_proxy_rules_duration_seconds": None}),
     ("ebpf", {}, {**NFTABLES, **IPTABLES}),
 ])
 def test_names_types_labels_per_mode(mode, extra, absent):
