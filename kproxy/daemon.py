@@ -95,7 +95,8 @@ class Daemon:
             queued_at, self._queued_at = self._queued_at, None
             changes = self.snapshot.update()
             self.pending.merge(changes)
-            full = self.need_full or (time.monotonic() - self.last_full > FULL_SYNC_PERIOD)
+            period = getattr(self.dp, "full_resync_period", FULL_SYNC_PERIOD) or FULL_SYNC_PERIOD
+            full = self.need_full or (time.monotonic() - self.last_full >= period)
             if not full and not self.pending:
                 if self.health is not None:
                     self.health.updated()

@@ -71,6 +71,8 @@ class DataPlane(Protocol):
     """A proxy mode. Implementations must be safe to construct without touching the kernel."""
 
     mode: str
+    # Optional attribute ``full_resync_period`` (seconds): how often the daemon forces a full sync
+    # (default: hourly, like kube-proxy's iptables mode; cheap modes resync every syncPeriod).
 
     def setup(self) -> None:
         """Check prerequisites and create static state (base chains, tables, interfaces).

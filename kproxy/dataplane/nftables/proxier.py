@@ -43,6 +43,8 @@ class NftablesDataPlane(DataPlane):
 
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
+        # a full resync costs well under a second even at 10k Services here: do one every syncPeriod
+        self.full_resync_period = config.sync_period
         self.families: list[int] = []
         self.index: dict[int, ElementIndex] = {4: ElementIndex(), 6: ElementIndex()}
         self.kernel_chains: dict[int, set[str]] = {4: set(), 6: set()}
