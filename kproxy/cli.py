@@ -35,31 +35,26 @@ def _bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"want true or false, got {v!r}")
 
 
-def _dur(flag: str) -> Callable[[str], float]:
-    def conv(v: str) -> float:
+def _checked(parse: Callable[[Any, str], Any], flag: str) -> Callable[[str], Any]:
+    """An argparse type from one of config.py's parsers, so flags and the config file share validation."""
+    def conv(v: str) -> Any:
         try:
-            return parse_duration(v, flag)
+            return parse(v, flag)
         except ConfigError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return conv
+
+
+def _dur(flag: str) -> Callable[[str], float]:
+    return _checked(parse_duration, flag)
 
 
 def _cidrs(flag: str) -> Callable[[str], tuple[str, ...]]:
-    def conv(v: str) -> tuple[str, ...]:
-        try:
-            return parse_cidrs(v, flag)
-        except ConfigError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return conv
+    return _checked(parse_cidrs, flag)
 
 
 def _addr(flag: str) -> Callable[[str], str]:
-    def conv(v: str) -> str:
-        try:
-            return parse_bind_address(v, flag)
-        except ConfigError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return conv
+    return _checked(parse_bind_address, flag)
 
 
 def _gates(v: str) -> dict[str, bool]:

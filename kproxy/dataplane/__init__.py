@@ -13,6 +13,7 @@ Each mode lives in its own subpackage and registers a factory in :data:`MODES`.
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -89,6 +90,18 @@ class DataPlane(Protocol):
 
     def status(self) -> list[ServiceStatus]:
         """Read the kernel's current state back, by service port."""
+
+
+def enable_localhost_nodeports(config: ProxyConfig) -> None:
+    """NodePorts on 127.0.0.1 need route_localnet (kube-proxy sets it too); only when they are wanted."""
+    if not (config.localhost_nodeports and not config.nodeport_addresses):
+        return
+    try:
+        with open("/proc/sys/net/ipv4/conf/all/route_localnet", "w") as f:
+            f.write("1")
+    except OSError as e:
+        logging.getLogger(__name__).warning("cannot enable route_localnet (localhost NodePorts will not work): %s",
+                                            e)
 
 
 MODES: dict[str, str] = {

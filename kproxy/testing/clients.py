@@ -31,9 +31,7 @@ import threading
 import time
 from typing import Any
 
-
-def _family(ip: str) -> int:
-    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+from .probe import _family, http_get
 
 
 def _err_kind(e: BaseException) -> str:
@@ -68,20 +66,6 @@ def wait_connect(ip: str, port: int, deadline: float, attempt_timeout: float) ->
         if time.monotonic() - t0 > deadline:
             return {"ok": False, "elapsed": time.monotonic() - t0, "attempts": attempts, "error": last}
         time.sleep(0.03)
-
-
-def http_get(ip: str, port: int, timeout: float, src: str = "") -> str:
-    with socket.socket(_family(ip), socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        if src:
-            s.bind((src, 0))
-        s.connect((ip, port))
-        host = f"[{ip}]" if ":" in ip else ip
-        s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(4096):
-            data += chunk
-        return data.split(b"\r\n\r\n", 1)[1].decode().strip()
 
 
 def http_by_src(ip: str, port: int, sources: list[str], n: int, timeout: float) -> dict[str, Any]:

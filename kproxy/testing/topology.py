@@ -211,7 +211,7 @@ class Topology:
 
     def destroy(self) -> None:
         for p in self.procs:
-            _terminate(p)
+            terminate(p)
         for ns in reversed(self.namespaces):
             self._kill_ns(ns)
             run(["ip", "netns", "del", ns], check=False)
@@ -243,7 +243,7 @@ class Topology:
         if wait_for and p.stdout is not None:
             line = p.stdout.readline()
             if wait_for not in line:
-                _terminate(p)
+                terminate(p)
                 raise RuntimeError(f"{argv[0]} in {ns} did not start: {line!r}")
         return p
 
@@ -307,7 +307,8 @@ class Topology:
             return ""
 
 
-def _terminate(p: subprocess.Popen[str]) -> None:
+def terminate(p: subprocess.Popen[str]) -> None:
+    """SIGTERM the process group, SIGKILL it after 5 s."""
     if p.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGTERM)

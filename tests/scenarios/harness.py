@@ -32,6 +32,7 @@ from kproxy.testing.topology import (
     NODE_EXT_IP,
     NODE_EXT_IP6,
     Topology,
+    terminate,
 )
 
 from . import manifests as m
@@ -383,15 +384,7 @@ class UdpSession:
 
 
 def _kill(topo: Topology, p: subprocess.Popen[str]) -> None:
-    if p.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(5)
+    terminate(p)
     with contextlib.suppress(ValueError):
         topo.procs.remove(p)
 

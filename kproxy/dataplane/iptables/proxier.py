@@ -15,7 +15,7 @@ import time
 
 from ...config import ProxyConfig
 from ...snapshot import Changes, ProxySnapshot, ServicePortName
-from .. import DataPlane, ServiceStatus, SetupError, SyncError, SyncResult
+from .. import DataPlane, ServiceStatus, SetupError, SyncError, SyncResult, enable_localhost_nodeports
 from . import render as r
 from .backend import Backend, detect
 from .status import read_status
@@ -62,12 +62,7 @@ class IptablesDataPlane(DataPlane):
                     del self.backends[6]
                     continue
                 raise SetupError(f"cannot program iptables ({b.iptables}): {e}") from None
-        if self.config.localhost_nodeports and not self.config.nodeport_addresses:
-            try:
-                with open("/proc/sys/net/ipv4/conf/all/route_localnet", "w") as f:
-                    f.write("1")
-            except OSError as e:
-                log.warning("cannot enable route_localnet (localhost NodePorts will not work): %s", e)
+        enable_localhost_nodeports(self.config)
 
     def _ensure_base(self, b: Backend) -> None:
         """Create kproxy's chains if missing and hook them; never flush what a previous run left."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from ...config import ProxyConfig
 from ...snapshot import Changes, EndpointInfo, ProxySnapshot, ServicePort, ServicePortName
-from .. import DataPlane, ServiceStatus, SetupError, SyncError, SyncResult
+from .. import DataPlane, ServiceStatus, SetupError, SyncError, SyncResult, enable_localhost_nodeports
 from . import netlink, nft
 from . import render as r
 from .state import Delta, ElementIndex
@@ -74,12 +74,7 @@ class NftablesDataPlane(DataPlane):
                     continue
                 raise SetupError(f"cannot program nftables: {e}") from None
             self.families.append(fam)
-        if self.config.localhost_nodeports and not self.config.nodeport_addresses:
-            try:
-                with open("/proc/sys/net/ipv4/conf/all/route_localnet", "w") as f:
-                    f.write("1")
-            except OSError as e:
-                log.warning("cannot enable route_localnet (localhost NodePorts will not work): %s", e)
+        enable_localhost_nodeports(self.config)
 
     def _skeleton(self, fam: int) -> list[str]:
         f = r.nft_family(fam)
