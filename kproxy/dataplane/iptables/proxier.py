@@ -31,7 +31,7 @@ class IptablesDataPlane(DataPlane):
         self.mark = f"{1 << config.masquerade_bit:#x}"
         self.backend_name = ""
         self.backends: dict[int, Backend] = {}
-        self._rendered: dict[int, dict[ServicePortName, r.ServiceRules]] = {4: {}, 6: {}}
+        self._rendered: dict[int, dict[ServicePortName, r.RenderedSummary]] = {4: {}, 6: {}}
         # kproxy chains known to be in the kernel after our last successful sync, per family and table;
         # None means "unknown" (first sync, or a failed one): the next full sync reads iptables-save.
         self._kernel_chains: dict[int, dict[str, set[str]] | None] = {4: None, 6: None}
@@ -121,8 +121,9 @@ class IptablesDataPlane(DataPlane):
         return result
 
     def _render_full(self, snapshot: ProxySnapshot, ctx: r.RenderContext, b: Backend
-                     ) -> tuple[r.RestoreScript, dict[ServicePortName, r.ServiceRules]]:
-        rendered: dict[ServicePortName, r.ServiceRules] = {}
+                     ) -> tuple[r.RestoreScript, dict[ServicePortName, r.RenderedSummary]]:
+        rendered: dict[ServicePortName, r.RenderedSummary] = {}
+        summary = r.RenderedSummary.of
         script = r.RestoreScript()
         dispatch: dict[tuple[str, str], list[str]] = {k: [] for k in r.DISPATCH}
         nat_rules = script.rules[r.NAT]
@@ -130,7 +131,7 @@ class IptablesDataPlane(DataPlane):
         eps = snapshot.endpoints
         for spn, sp in snapshot.services.items():
             sr = r.render_service(sp, eps.get(spn, ()), ctx)
-            rendered[spn] = sr
+            rendered[spn] = summary(sr)
             for chain, rules in sr.chains.items():
                 nat_declare.append(f":{chain} - [0:0]")
                 nat_rules.extend(rules)
@@ -153,7 +154,7 @@ class IptablesDataPlane(DataPlane):
         return script, rendered
 
     def _render_partial(self, snapshot: ProxySnapshot, changes: Changes, ctx: r.RenderContext
-                        ) -> tuple[r.RestoreScript, dict[ServicePortName, r.ServiceRules]]:
+                        ) -> tuple[r.RestoreScript, dict[ServicePortName, r.RenderedSummary]]:
         old_all = self._rendered[ctx.family]
         rendered = dict(old_all)
         script = r.RestoreScript()
@@ -164,11 +165,11 @@ class IptablesDataPlane(DataPlane):
             if new is None:
                 rendered.pop(spn, None)
             else:
-                rendered[spn] = new
+                rendered[spn] = r.RenderedSummary.of(new)
             old_chains = old.chains if old else {}
             new_chains = new.chains if new else {}
             for chain, rules in new_chains.items():
-                if old_chains.get(chain) != rules:
+                if old_chains.get(chain) != hash(tuple(rules)):
                     script.flush_chain(r.NAT, chain, rules)
             for chain in old_chains.keys() - new_chains.keys():
                 script.delete_chain(r.NAT, chain)
@@ -186,14 +187,10 @@ class IptablesDataPlane(DataPlane):
     def _count_rules(self) -> None:
         counts: dict[tuple[int, str], int] = {}
         for fam, rendered in self._rendered.items():
-            nat = sum(sum(map(len, sr.chains.values())) + sum(len(v) for k, v in sr.dispatch.items() if k[0] == r.NAT)
-                      for sr in rendered.values())
-            flt = sum(sum(len(v) for k, v in sr.dispatch.items() if k[0] == r.FILTER) for sr in rendered.values())
-            counts[(fam, r.NAT)] = nat
-            counts[(fam, r.FILTER)] = flt
-            self.no_local_endpoints[fam] = (
-                sum(1 for sr in rendered.values() if sr.no_local_endpoints.get("Internal")),
-                sum(1 for sr in rendered.values() if sr.no_local_endpoints.get("External")))
+            counts[(fam, r.NAT)] = sum(sr.nat_rules for sr in rendered.values())
+            counts[(fam, r.FILTER)] = sum(sr.filter_rules for sr in rendered.values())
+            self.no_local_endpoints[fam] = (sum(1 for sr in rendered.values() if sr.no_local_internal),
+                                            sum(1 for sr in rendered.values() if sr.no_local_external))
         self.rule_counts = counts
 
     # ---- cleanup and status ---------------------------------------------------------------------
