@@ -38,12 +38,13 @@ def _child(args: argparse.Namespace) -> None:
 
     n, e = args.size, args.endpoints
     t0 = time.perf_counter()
-    svcs = [service(i, nodeport=i % 10 == 0) for i in range(n)]
-    slices = [endpoint_slice(i, e) for i in range(n)]
     store = ClusterStore("node-1")
     snap = ProxySnapshot(store, "node-1")
-    store.apply([Event("ADDED", "Service", s) for s in svcs])
-    store.apply([Event("ADDED", "EndpointSlice", s) for s in slices])
+    # generated in batches, as a watch delivers them: the peak RSS is kproxy's, not the generator's
+    for lo in range(0, n, 500):
+        hi = min(n, lo + 500)
+        store.apply([Event("ADDED", "Service", service(i, nodeport=i % 10 == 0)) for i in range(lo, hi)])
+        store.apply([Event("ADDED", "EndpointSlice", endpoint_slice(i, e)) for i in range(lo, hi)])
     t_load = time.perf_counter() - t0
     cfg = ProxyConfig(mode=args.mode, iptables_backend=args.backend or "auto", cluster_cidrs=("10.128.0.0/10",),
                       hostname_override="node-1")
@@ -63,6 +64,7 @@ def _child(args: argparse.Namespace) -> None:
         restore_file = os.path.join(args.workdir, "full-v4.txt")
         with open(restore_file, "w") as f:
             f.write(texts[4])
+        texts.clear()
     partial: list[float] = []
     partial_apply: list[float] = []
     for k in range(args.partial_repeat):
