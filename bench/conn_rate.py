@@ -163,17 +163,9 @@ int main(int argc, char **argv) {
 
 
 def build_tool() -> str:
-    os.makedirs(CACHE, exist_ok=True)
-    src = os.path.join(CACHE, "connbench.c")
-    out = os.path.join(CACHE, "connbench")
-    current = ""
-    with contextlib.suppress(OSError), open(src) as f:
-        current = f.read()
-    if current != C_SOURCE or not os.path.exists(out):
-        with open(src, "w") as f:
-            f.write(C_SOURCE)
-        subprocess.run(["cc", "-O2", "-pthread", "-o", out, src], check=True)
-    return out
+    from ccache import compile_cached
+
+    return compile_cached(CACHE, "connbench", C_SOURCE)
 
 
 def manifests(directory: str, n: int, pod_ip: str) -> None:

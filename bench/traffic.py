@@ -262,16 +262,10 @@ def sender_main(frames_paths: list[str], duration: float, slice_s: float, max_pa
 
 # ---- helpers ------------------------------------------------------------------------------------------------
 def build_server() -> str:
-    os.makedirs(CACHE, exist_ok=True)
-    src, out = os.path.join(CACHE, "kpbsrv.c"), os.path.join(CACHE, "kpbsrv")
-    current = ""
-    with contextlib.suppress(OSError), open(src) as f:
-        current = f.read()
-    if current != SERVER_C or not os.path.exists(out):
-        with open(src, "w") as f:
-            f.write(SERVER_C)
-        subprocess.run(["cc", "-O2", "-pthread", "-o", out, src], check=True)
-    return out
+    sys.path.insert(0, HERE)
+    from ccache import compile_cached
+
+    return compile_cached(CACHE, "kpbsrv", SERVER_C)
 
 
 def stat(values: list[float], digits: int = 0) -> str:

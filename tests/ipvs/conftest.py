@@ -2,14 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
+from vm.conftest import vm_kernel  # the one definition, shared with tests/vm (tests/ is on sys.path)
 
-from kproxy.testing import vm
-
-
-@pytest.fixture(scope="session")
-def vm_kernel() -> str:
-    try:
-        return vm.check_available()
-    except vm.VMUnavailable as e:
-        pytest.skip(f"VM unavailable: {e}")
+__all__ = ["vm_kernel"]
