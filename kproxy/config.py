@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -155,11 +155,6 @@ def parse_bind_address(value: Any, what: str) -> str:
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{what}: invalid port in {value!r}")
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def split_host_port(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def _bool(value: Any, what: str) -> bool:
@@ -352,5 +347,3 @@ _TOP: dict[str, Any] = {
     "windowsRunAsService": _ignore,
     "portRangeDeprecated": _ignore,
 }
-
-FIELD_NAMES = tuple(f.name for f in fields(ProxyConfig))

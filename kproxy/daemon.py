@@ -43,7 +43,6 @@ class Daemon:
         self.service_health: Any = None
         self.metrics: Any = None
         self._queued_at: float | None = None
-        self.need_full_before = True
 
     # ---- wiring ---------------------------------------------------------------------------------
     def _source(self) -> Any:
@@ -102,13 +101,12 @@ class Daemon:
                     self.health.updated()
                 return
             t0 = time.monotonic()
-            self.need_full_before = full
             try:
                 result = self.dp.sync(self.snapshot, self.pending, full)
             except Exception:
                 self.need_full = True
                 self._queued_at = queued_at or time.time()
-                self._observe_failure()
+                self._observe_failure(partial=not full)
                 raise
             elapsed = time.monotonic() - t0
             if full:
@@ -157,10 +155,10 @@ class Daemon:
             for fam, (internal, external) in getattr(self.dp, "no_local_endpoints", {}).items():
                 m.set_no_local_endpoints(internal, external, family=fam)
 
-    def _observe_failure(self) -> None:
+    def _observe_failure(self, partial: bool) -> None:
         if self.metrics is not None:
             with contextlib.suppress(Exception):
-                self.metrics.sync_failed(partial=not self.need_full_before)
+                self.metrics.sync_failed(partial=partial)
 
     def _sync_service_health(self) -> None:
         from . import healthz

@@ -189,10 +189,6 @@ class ProxySnapshot:
         dirty, nodes_changed = self.store.take_dirty(self.CONSUMER)
         return self.recompute(dirty, nodes_changed)
 
-    def requeue(self, changes: Changes) -> None:
-        """A data plane failed to apply ``changes``: make the next update include them again."""
-        self.store.requeue(self.CONSUMER, changes.service_keys, changes.node_changed)
-
     def recompute(self, keys: Iterable[ServiceKey], nodes_changed: bool = False) -> Changes:
         ch = Changes(node_changed=nodes_changed)
         if nodes_changed:

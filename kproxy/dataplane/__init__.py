@@ -4,8 +4,8 @@ Data flows one way: the sync runner updates the :class:`~kproxy.snapshot.ProxySn
 :meth:`DataPlane.sync` with the snapshot and the :class:`~kproxy.snapshot.Changes` since the last
 successful sync. A data plane renders the desired kernel state for the changed service ports (or for
 everything when ``full`` is true) and applies it atomically: on failure it raises
-:class:`SyncError` and the kernel must still hold the previous, complete ruleset. The runner then
-requeues the changes and forces a full sync on the next attempt.
+:class:`SyncError` and the kernel must still hold the previous, complete ruleset. The daemon then
+keeps the failed changes pending (for conntrack cleanup) and makes the retry a full sync.
 
 Each mode lives in its own subpackage and registers a factory in :data:`MODES`.
 """

@@ -130,9 +130,6 @@ class ServiceRules:
     dispatch: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # rules in shared chains
     no_local_endpoints: dict[str, bool] = field(default_factory=dict)  # traffic policy → bool, for metrics
 
-    def rule_count(self) -> int:
-        return sum(map(len, self.chains.values())) + sum(map(len, self.dispatch.values()))
-
 
 def _host(ip: str) -> str:
     return f"{ip}/128" if ":" in ip else f"{ip}/32"
