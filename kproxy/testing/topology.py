@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,10 @@ def run(argv: list[str], check: bool = True, timeout: float = 30, **kw: Any) -> 
     if check and p.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
     return p
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def unique_prefix(base: str = "kpt") -> str:
@@ -95,15 +100,39 @@ class Topology:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> Topology:
+        self._trap_sigterm()
         try:
             self.create()
         except BaseException:
             self.destroy()
+            self._restore_sigterm()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.destroy()
+        try:
+            self.destroy()
+        finally:
+            self._restore_sigterm()
+
+    def _trap_sigterm(self) -> None:
+        """Turn SIGTERM into SystemExit while the topology exists, so ``__exit__`` deletes the namespaces.
+
+        Without it a plain ``kill`` of a benchmark or test process would leave its namespaces behind. Only
+        where nobody else handles SIGTERM (the default action) and only from the main thread (Python allows
+        signal handlers nowhere else).
+        """
+        self._old_sigterm: Any = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            self._old_sigterm = signal.SIG_DFL
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+    def _restore_sigterm(self) -> None:
+        if self._old_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
 
     def _add_ns(self, name: str) -> None:
         run(["ip", "netns", "add", name])
