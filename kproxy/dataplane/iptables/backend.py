@@ -9,8 +9,10 @@ order: the back end already holding kproxy's chains (a restart adopts them), the
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import SetupError, SyncError
@@ -56,7 +58,8 @@ class Backend:
         argv = [self.restore_cmd, *WAIT, "--noflush"]
         p = subprocess.run(argv, input=text, capture_output=True, text=True)
         if p.returncode != 0:
-            line = _failed_line(p.stderr, text)
+            lines = text.splitlines()
+            line = failed_line(p.stderr, lambda n: lines[n - 1] if 0 < n <= len(lines) else None)
             raise SyncError(f"{self.restore_cmd} failed ({p.returncode}): {p.stderr.strip()}{line}")
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -79,16 +82,14 @@ class Backend:
         return found
 
 
-def _failed_line(stderr: str, text: str) -> str:
+def failed_line(stderr: str, line_at: Callable[[int], str | None]) -> str:
     """iptables-restore names the failing line number; show that line to make errors actionable."""
-    import re
-
     m = re.search(r"line:? (\d+)", stderr)
     if not m:
         return ""
-    lines = text.splitlines()
     n = int(m.group(1))
-    return f" [line {n}: {lines[n - 1]!r}]" if 0 < n <= len(lines) else ""
+    line = line_at(n)
+    return f" [line {n}: {line!r}]" if line is not None else ""
 
 
 def _count_rules(b: Backend) -> tuple[int, bool, bool]:

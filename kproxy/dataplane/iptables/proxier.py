@@ -1,24 +1,29 @@
 """The iptables data plane: render per-service rules, apply them atomically with iptables-restore.
 
 Full syncs (start, failure recovery, periodic) rewrite every kproxy chain in one ``--noflush`` restore
-per family and delete stale kproxy chains found in the kernel. Partial syncs rewrite only the chains
-of changed service ports and patch the shared dispatch chains with ``-D``/``-A`` of exactly the rules
-that changed, so a one-Service change costs the same at 10 or 10,000 Services (on iptables-nft; the
-legacy back end always re-uploads the whole table in the kernel). Nothing outside ``KPROXY-*`` chains
-is touched except the jump rules hooked into the built-in chains.
+per family and delete stale kproxy chains found in the kernel; the rules are streamed into the running
+iptables-restore as they are rendered, so rendering and the restore's parsing overlap. Partial syncs
+rewrite only the chains of changed service ports and patch the shared dispatch chains with ``-D``/``-A``
+of exactly the rules that changed, so a one-Service change costs the same at 10 or 10,000 Services (on
+iptables-nft; the legacy back end always re-uploads the whole table in the kernel). Nothing outside
+``KPROXY-*`` chains is touched except the jump rules hooked into the built-in chains.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections.abc import Callable
 
 from ...config import ProxyConfig
 from ...snapshot import Changes, ProxySnapshot, ServicePortName
 from .. import DataPlane, ServiceStatus, SetupError, SyncError, SyncResult, enable_localhost_nodeports
 from . import render as r
 from .backend import Backend, detect
+from .full import FullOutcome, full_restore_input
 from .status import read_status
+from .stream import RestoreStream, SaveReader
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +97,15 @@ class IptablesDataPlane(DataPlane):
     def sync(self, snapshot: ProxySnapshot, changes: Changes, full: bool) -> SyncResult:
         if not self.backends:
             self.setup()
-        result = SyncResult(full=full)
+        result = self._sync_full(snapshot) if full else self._sync_partial(snapshot, changes)
+        self._count_rules()
+        return result
+
+    def _sync_partial(self, snapshot: ProxySnapshot, changes: Changes) -> SyncResult:
+        result = SyncResult(full=False, services=len(changes.changed))
         for fam, b in self.backends.items():
             t0 = time.perf_counter()
-            ctx = self._ctx(snapshot, fam)
-            if full:
-                script, rendered = self._render_full(snapshot, ctx, b)
-            else:
-                script, rendered = self._render_partial(snapshot, changes, ctx)
+            script, rendered = self._render_partial(snapshot, changes, self._ctx(snapshot, fam))
             text = script.text() if script else ""
             t1 = time.perf_counter()
             if text:
@@ -110,48 +116,81 @@ class IptablesDataPlane(DataPlane):
                     raise
                 if self.keep_restore_text:
                     self.last_restore_text[fam] = text
-            self._kernel_chains[fam] = _declared_after(script, self._kernel_chains[fam], full)
-            t2 = time.perf_counter()
+            self._kernel_chains[fam] = _declared_after(script, self._kernel_chains[fam])
             self._rendered[fam] = rendered
             result.render_seconds += t1 - t0
-            result.apply_seconds += t2 - t1
+            result.apply_seconds += time.perf_counter() - t1
             result.rules += sum(len(v) for v in script.rules.values())
-            result.services = len(changes.changed) if not full else len(snapshot.services)
-        self._count_rules()
         return result
 
-    def _render_full(self, snapshot: ProxySnapshot, ctx: r.RenderContext, b: Backend
-                     ) -> tuple[r.RestoreScript, dict[ServicePortName, r.RenderedSummary]]:
-        rendered: dict[ServicePortName, r.RenderedSummary] = {}
-        summary = r.RenderedSummary.of
-        script = r.RestoreScript()
-        dispatch: dict[tuple[str, str], list[str]] = {k: [] for k in r.DISPATCH}
-        nat_rules = script.rules[r.NAT]
-        nat_declare = script.declare[r.NAT]
-        eps = snapshot.endpoints
-        for spn, sp in snapshot.services.items():
-            sr = r.render_service(sp, eps.get(spn, ()), ctx)
-            rendered[spn] = summary(sr)
-            for chain, rules in sr.chains.items():
-                nat_declare.append(f":{chain} - [0:0]")
-                nat_rules.extend(rules)
-            for key, rules in sr.dispatch.items():
-                dispatch[key].extend(rules)
-        for (table, chain), rules in r.static_chains(ctx.family, self.mark, self.config.nodeport_addresses,
-                                                     self.config.localhost_nodeports).items():
-            script.flush_chain(table, chain, rules)
-        for (table, chain), rules in dispatch.items():
-            script.flush_chain(table, chain, rules)
-        # delete kproxy chains the kernel holds that are no longer wanted (stale or from an older run)
-        wanted_nat = {c for sr in rendered.values() for c in sr.chains}
-        known = self._kernel_chains[ctx.family]
-        for table in (r.NAT, r.FILTER):
-            declared = {line[1:].split(" ", 1)[0] for line in script.declare[table]}
-            in_kernel = known[table] if known is not None else _chains(b.save(table))
-            for chain in in_kernel:
-                if chain.startswith(r.PREFIX) and chain not in declared and chain not in wanted_nat:
-                    script.delete_chain(table, chain)
-        return script, rendered
+    def _sync_full(self, snapshot: ProxySnapshot) -> SyncResult:
+        """Stream each family's full ruleset into iptables-restore while rendering it (see .full, .stream).
+
+        The families run one after the other (they share the xtables lock), but the next family is
+        rendered ahead while the previous one's restore is still parsing and committing.
+        """
+        t_start = time.perf_counter()
+        result = SyncResult(full=True, services=len(snapshot.services))
+        # first sync or after a failure: which kproxy chains the kernel holds is read in the background
+        saves = {fam: SaveReader(b, (r.NAT, r.FILTER)) for fam, b in self.backends.items()
+                 if self._kernel_chains[fam] is None}
+        running: tuple[int, RestoreStream, FullOutcome] | None = None
+        try:
+            for fam, b in self.backends.items():
+                known = self._kernel_chains[fam]
+                self._kernel_chains[fam] = None  # unknown until this family's restore succeeded
+                out = FullOutcome()
+                chunks = full_restore_input(
+                    snapshot.services, snapshot.endpoints, self._ctx(snapshot, fam),
+                    r.static_chains(fam, self.mark, self.config.nodeport_addresses, self.config.localhost_nodeports),
+                    saves[fam].chains if known is None else _returning(known), out)
+                ahead: list[str] = []
+                if running is not None:
+                    for chunk in chunks:
+                        ahead.append(chunk)
+                        if running[1].done():
+                            break
+                    prev, running = running, None
+                    self._finish(*prev, result)
+                stream = RestoreStream(b, self.keep_restore_text)
+                try:
+                    for chunk in itertools.chain(ahead, chunks):
+                        stream.write(chunk)
+                except BaseException:
+                    # rendering failed: the last chunk, which holds the first COMMIT, was never written,
+                    # so killing the process applies nothing
+                    stream.abort()
+                    raise
+                stream.close()
+                running = (fam, stream, out)
+            if running is not None:
+                prev, running = running, None
+                self._finish(*prev, result)
+        except BaseException:
+            if running is not None:  # its input is complete: let it finish rather than kill it mid-commit
+                try:
+                    self._finish(*running, result)
+                except SyncError as e:
+                    log.warning("iptables: %s", e)
+            raise
+        finally:
+            for save in saves.values():
+                save.close()
+        result.render_seconds = time.perf_counter() - t_start - result.apply_seconds
+        return result
+
+    def _finish(self, fam: int, stream: RestoreStream, out: FullOutcome, result: SyncResult) -> None:
+        """Wait for one family's restore (SyncError if it failed) and remember what it applied."""
+        t0 = time.perf_counter()
+        try:
+            stream.wait()
+        finally:
+            result.apply_seconds += stream.write_seconds + time.perf_counter() - t0
+        self._kernel_chains[fam] = out.chains
+        self._rendered[fam] = out.rendered
+        result.rules += out.rules
+        if self.keep_restore_text:
+            self.last_restore_text[fam] = stream.text()
 
     def _render_partial(self, snapshot: ProxySnapshot, changes: Changes, ctx: r.RenderContext
                         ) -> tuple[r.RestoreScript, dict[ServicePortName, r.RenderedSummary]]:
@@ -216,18 +255,21 @@ class IptablesDataPlane(DataPlane):
         return out
 
 
-def _declared_after(script: r.RestoreScript, before: dict[str, set[str]] | None, full: bool
-                    ) -> dict[str, set[str]] | None:
-    """The kproxy chains the kernel holds after ``script`` was applied (None if not known)."""
-    if before is None and not full:
+def _declared_after(script: r.RestoreScript, before: dict[str, set[str]] | None) -> dict[str, set[str]] | None:
+    """The kproxy chains the kernel holds after the partial ``script`` was applied (None if not known)."""
+    if before is None:
         return None
     out: dict[str, set[str]] = {}
     for table in (r.NAT, r.FILTER):
-        chains = set() if full else set(before[table])  # type: ignore[index]
+        chains = set(before[table])
         chains |= {line[1:].split(" ", 1)[0] for line in script.declare[table]}
         chains -= {line[3:] for line in script.remove[table]}
         out[table] = chains
     return out
+
+
+def _returning(value: dict[str, set[str]]) -> Callable[[], dict[str, set[str]]]:
+    return lambda: value
 
 
 def _chains(save_output: str) -> set[str]:
