@@ -164,7 +164,8 @@ def main() -> int:
               "one-Service change (total) | of which restore | load+parse | peak RSS |\n"
               "|---|---|---|---|---|---|---|---|---|")
     print(f"# sync_scale: {a.endpoints} endpoints per Service, {a.repeat} repeats, {a.partial_repeat} one-Service "
-          f"changes each; median [min–max]; {os.cpu_count()} cores", flush=True)
+          f"changes each; median [min–max]; {os.cpu_count()} cores; load average at start "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
     print(header, flush=True)
     for size in (int(s) for s in a.sizes.split(",")):
         for mode, backend in variants:
@@ -180,6 +181,7 @@ def main() -> int:
                    f"{statistics.median([r['rss_mb'] for r in runs]):.0f} MB |")
             rows.append(row)
             print(row, flush=True)
+    print(f"# load average at end {os.getloadavg()[0]:.2f}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             f.write("\n".join([header, *rows]) + "\n")

@@ -83,25 +83,25 @@ def _world(n: int, gen: int = 0) -> tuple[ClusterStore, ProxySnapshot]:
     return store, snap
 
 
-def _dp() -> IptablesDataPlane:
-    dp = IptablesDataPlane(ProxyConfig(iptables_backend="legacy", cluster_cidrs=("10.244.0.0/16", "fd00:244::/48"),
+def _dp(backend: str = "legacy") -> IptablesDataPlane:
+    dp = IptablesDataPlane(ProxyConfig(iptables_backend=backend, cluster_cidrs=("10.244.0.0/16", "fd00:244::/48"),
                                        hostname_override="node-a"))
     dp.setup()
     return dp
 
 
-def _kernel() -> dict[str, dict[str, list[str]]]:
+def _kernel(backend: str = "legacy") -> dict[str, dict[str, list[str]]]:
     """kproxy's chains per family/table as the kernel holds them; dispatch chains order-independent."""
     out: dict[str, dict[str, list[str]]] = {}
-    for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+    for fam, tool in ((4, f"iptables-{backend}-save"), (6, f"ip6tables-{backend}-save")):
         table = ""
         for line in subprocess.run([tool], capture_output=True, text=True, check=True).stdout.splitlines():
             if line.startswith("*"):
                 table = line[1:]
             elif line.startswith(":KPROXY-"):
-                out.setdefault(f"{tool} {table}", {})[line[1:].split()[0]] = []
+                out.setdefault(f"{fam} {table}", {})[line[1:].split()[0]] = []
             elif line.startswith("-A KPROXY-"):
-                out[f"{tool} {table}"][line.split()[1]].append(line)
+                out[f"{fam} {table}"][line.split()[1]].append(line)
     for chains in out.values():
         for name in DISPATCH_CHAINS & chains.keys():
             chains[name].sort()
@@ -131,33 +131,34 @@ def _world_y() -> tuple[ClusterStore, ProxySnapshot]:
     return store, snap
 
 
-def _full_equals_partial() -> None:
+def _full_equals_partial(backend: str) -> None:
     store, snap = _world(120)
-    dp = _dp()
+    dp = _dp(backend)
     dp.sync(snap, snap.update(), True)
-    x = _kernel()
-    assert any(c.startswith("KPROXY-SEP-") for c in x["ip6tables-legacy-save nat"])
+    x = _kernel(backend)
+    assert any(c.startswith("KPROXY-SEP-") for c in x["6 nat"])
     # X → Y with a partial sync
     _state(store, 120, gen=7)
     store.apply([Event("DELETED", "Service", svc(f"s{i}")) for i in range(80, 120)])
     dp.sync(snap, snap.update(), False)
-    y = _kernel()
+    y = _kernel(backend)
     assert y != x
     # back to X with a full sync: Y's chains are stale, known to the data plane without iptables-save
     _, snap_x = _world(120)
     dp.sync(snap_x, snap_x.update(), True)
-    assert _kernel() == x
+    assert _kernel(backend) == x
     # Y with a full sync of a new data plane (a restart): it reads the kernel's chains to find X's stale ones
     _, snap_y = _world_y()
-    dp2 = _dp()
+    dp2 = _dp(backend)
     dp2.sync(snap_y, snap_y.update(), True)
-    assert _kernel() == y
+    assert _kernel(backend) == y
     static_nat = sum(len(v) for (t, _), v in r.static_chains(4, dp2.mark, (), True).items() if t == r.NAT)
-    assert dp2.rule_counts[(4, r.NAT)] + static_nat == sum(len(c) for c in y["iptables-legacy-save nat"].values())
+    assert dp2.rule_counts[(4, r.NAT)] + static_nat == sum(len(c) for c in y["4 nat"].values())
 
 
-def test_full_sync_equals_partial_syncs_and_deletes_stale_chains() -> None:
-    _in_netns(_full_equals_partial)
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_full_sync_equals_partial_syncs_and_deletes_stale_chains(backend: str) -> None:
+    _in_netns(_full_equals_partial, backend)
 
 
 def _bad_rule_mid_stream() -> dict[str, Any]:
@@ -188,7 +189,7 @@ def _bad_rule_mid_stream() -> dict[str, Any]:
     leftovers = _children()
     dp.sync(snap, snap.update(), True)  # the retry (the daemon makes it a full sync) applies everything
     return {"error": str(err.value), "unchanged": failed == before, "unknown": unknown, "children": leftovers,
-            "healed": _kernel() != before, "size": sum(len(c) for c in before["iptables-legacy-save nat"].values())}
+            "healed": _kernel() != before, "size": sum(len(c) for c in before["4 nat"].values())}
 
 
 def test_restore_rejecting_a_line_mid_stream_applies_nothing() -> None:

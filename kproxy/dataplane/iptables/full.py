@@ -52,7 +52,9 @@ def full_restore_input(services: Mapping[ServicePortName, ServicePort],
     """
     dispatch: dict[tuple[str, str], list[str]] = {k: [] for k in r.DISPATCH}
     declared: dict[str, set[str]] = {r.NAT: set(), r.FILTER: set()}
-    lines = ["*nat", *_head(r.NAT, static, declared)]
+    lines = ["*nat", *_head(r.NAT, static, declared), ""]
+    yield "\n".join(lines)  # at once: the restore takes the lock and reads the table while we render
+    lines = []
     nat_names = declared[r.NAT]
     rendered = out.rendered
     summary = r.RenderedSummary.of

@@ -11,6 +11,7 @@ iptables-nft; the legacy back end always re-uploads the whole table in the kerne
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import time
@@ -129,21 +130,34 @@ class IptablesDataPlane(DataPlane):
         The families run one after the other (they share the xtables lock), but the next family is
         rendered ahead while the previous one's restore is still parsing and committing.
         """
+        # Rendering allocates ~10 objects per rule and creates no reference cycles; with the collector
+        # on, the growing heap triggers full collections that scan the whole store (~30% of the
+        # render time at 5k Services).
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._stream_full(snapshot)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _stream_full(self, snapshot: ProxySnapshot) -> SyncResult:
         t_start = time.perf_counter()
         result = SyncResult(full=True, services=len(snapshot.services))
-        # first sync or after a failure: which kproxy chains the kernel holds is read in the background
-        saves = {fam: SaveReader(b, (r.NAT, r.FILTER)) for fam, b in self.backends.items()
-                 if self._kernel_chains[fam] is None}
+        known = dict(self._kernel_chains)
+        # on the first sync or after a failure, which kproxy chains the kernel holds is read in the
+        # background (started right after the first restore process, which is on the critical path)
+        saves: dict[int, SaveReader] = {}
         running: tuple[int, RestoreStream, FullOutcome] | None = None
         try:
             for fam, b in self.backends.items():
-                known = self._kernel_chains[fam]
                 self._kernel_chains[fam] = None  # unknown until this family's restore succeeded
                 out = FullOutcome()
+                k = known[fam]
                 chunks = full_restore_input(
                     snapshot.services, snapshot.endpoints, self._ctx(snapshot, fam),
                     r.static_chains(fam, self.mark, self.config.nodeport_addresses, self.config.localhost_nodeports),
-                    saves[fam].chains if known is None else _returning(known), out)
+                    (lambda f=fam: saves[f].chains()) if k is None else _returning(k), out)
                 ahead: list[str] = []
                 if running is not None:
                     for chunk in chunks:
@@ -153,6 +167,9 @@ class IptablesDataPlane(DataPlane):
                     prev, running = running, None
                     self._finish(*prev, result)
                 stream = RestoreStream(b, self.keep_restore_text)
+                if not saves:
+                    saves.update((f, SaveReader(self.backends[f], (r.NAT, r.FILTER))) for f in self.backends
+                                 if known[f] is None)
                 try:
                     for chunk in itertools.chain(ahead, chunks):
                         stream.write(chunk)
