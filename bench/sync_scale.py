@@ -59,11 +59,11 @@ def _child(args: argparse.Namespace) -> None:
     res = dp.sync(snap, changes, True)
     t_full = time.perf_counter() - t0 + t_snap
     restore_file = ""
-    texts = getattr(dp, "last_restore_text", {})
+    texts = getattr(dp, "last_restore_input", {})
     if texts.get(4):
         restore_file = os.path.join(args.workdir, "full-v4.txt")
         with open(restore_file, "w") as f:
-            f.write(texts[4])
+            f.writelines(texts[4])
         texts.clear()
     partial: list[float] = []
     partial_apply: list[float] = []

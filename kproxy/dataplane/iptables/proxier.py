@@ -43,8 +43,8 @@ class IptablesDataPlane(DataPlane):
         self._kernel_chains: dict[int, dict[str, set[str]] | None] = {4: None, 6: None}
         self.rule_counts: dict[tuple[int, str], int] = {}
         self.no_local_endpoints: dict[int, tuple[int, int]] = {}  # family → (internal, external) for metrics
-        self.keep_restore_text = False  # benchmarks replay the exact text to time iptables-restore alone
-        self.last_restore_text: dict[int, str] = {}
+        self.keep_restore_text = False  # benchmarks replay the exact input to time iptables-restore alone
+        self.last_restore_input: dict[int, list[str]] = {}  # its pieces, joined by the reader
 
     # ---- setup ----------------------------------------------------------------------------------
     def _resolve_backends(self) -> None:
@@ -116,7 +116,7 @@ class IptablesDataPlane(DataPlane):
                     self._kernel_chains[fam] = None
                     raise
                 if self.keep_restore_text:
-                    self.last_restore_text[fam] = text
+                    self.last_restore_input[fam] = [text]
             self._kernel_chains[fam] = _declared_after(script, self._kernel_chains[fam])
             self._rendered[fam] = rendered
             result.render_seconds += t1 - t0
@@ -158,24 +158,26 @@ class IptablesDataPlane(DataPlane):
                     snapshot.services, snapshot.endpoints, self._ctx(snapshot, fam),
                     r.static_chains(fam, self.mark, self.config.nodeport_addresses, self.config.localhost_nodeports),
                     (lambda f=fam: saves[f].chains()) if k is None else _returning(k), out)
-                ahead: list[str] = []
-                if running is not None:
-                    for chunk in chunks:
-                        ahead.append(chunk)
-                        if running[1].done():
-                            break
-                    prev, running = running, None
-                    self._finish(*prev, result)
+                # started before it is fed: its start-up overlaps the previous family's commit (it
+                # takes the xtables lock only when it reads its first table line)
                 stream = RestoreStream(b, self.keep_restore_text)
-                if not saves:
-                    saves.update((f, SaveReader(self.backends[f], (r.NAT, r.FILTER))) for f in self.backends
-                                 if known[f] is None)
                 try:
+                    if not saves:
+                        saves.update((f, SaveReader(self.backends[f], (r.NAT, r.FILTER))) for f in self.backends
+                                     if known[f] is None)
+                    ahead: list[str] = []
+                    if running is not None:
+                        for chunk in chunks:
+                            ahead.append(chunk)
+                            if running[1].done():
+                                break
+                        prev, running = running, None
+                        self._finish(*prev, result)
                     for chunk in itertools.chain(ahead, chunks):
                         stream.write(chunk)
                 except BaseException:
-                    # rendering failed: the last chunk, which holds the first COMMIT, was never written,
-                    # so killing the process applies nothing
+                    # rendering (or the previous family) failed: the last chunk, which holds the first
+                    # COMMIT, was never written, so killing the process applies nothing
                     stream.abort()
                     raise
                 stream.close()
@@ -207,7 +209,7 @@ class IptablesDataPlane(DataPlane):
         self._rendered[fam] = out.rendered
         result.rules += out.rules
         if self.keep_restore_text:
-            self.last_restore_text[fam] = stream.text()
+            self.last_restore_input[fam] = stream.chunks()
 
     def _render_partial(self, snapshot: ProxySnapshot, changes: Changes, ctx: r.RenderContext
                         ) -> tuple[r.RestoreScript, dict[ServicePortName, r.RenderedSummary]]:

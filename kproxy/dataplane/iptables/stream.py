@@ -105,9 +105,9 @@ class RestoreStream:
             pass
         self._out.close()
 
-    def text(self) -> str:
-        """Everything written (only when constructed with ``keep_text``)."""
-        return "".join(self._kept or ())
+    def chunks(self) -> list[str]:
+        """Everything written, in pieces (only when constructed with ``keep_text``)."""
+        return self._kept or []
 
     def _line(self, n: int) -> str | None:
         for first, chunk in reversed(self._tail):
