@@ -42,7 +42,9 @@ class Daemon:
         self.health: Any = None
         self.service_health: Any = None
         self.metrics: Any = None
-        self._queued_at: float | None = None
+        self.store.track_trigger_times = True
+        self._triggers: list[float] = []  # EndpointSlice change times not yet programmed
+        self.started_at = time.time()
 
     # ---- wiring ---------------------------------------------------------------------------------
     def _source(self) -> Any:
@@ -79,8 +81,6 @@ class Daemon:
                                                           healthz.node_ips_for(self.config.nodeport_addresses))
 
     def _on_store_change(self) -> None:
-        if self._queued_at is None:
-            self._queued_at = time.time()
         if self.health is not None:
             self.health.queued_update()
         if self.metrics is not None:
@@ -91,7 +91,9 @@ class Daemon:
     # ---- one sync (worker thread) ---------------------------------------------------------------
     def sync(self, periodic: bool = False) -> None:
         with self._lock:
-            queued_at, self._queued_at = self._queued_at, None
+            # taken before the snapshot: a slice applied in between is counted at the next sync (later,
+            # never earlier than it really was programmed)
+            self._triggers.extend(t for _, t in self.store.take_trigger_times())
             changes = self.snapshot.update()
             self.pending.merge(changes)
             period = getattr(self.dp, "full_resync_period", FULL_SYNC_PERIOD) or FULL_SYNC_PERIOD
@@ -99,13 +101,15 @@ class Daemon:
             if not full and not self.pending:
                 if self.health is not None:
                     self.health.updated()
+                # slice versions that changed nothing the data plane holds are in effect already
+                self._observe_programmed(self._triggers)
+                self._triggers = []
                 return
             t0 = time.monotonic()
             try:
                 result = self.dp.sync(self.snapshot, self.pending, full)
             except Exception:
                 self.need_full = True
-                self._queued_at = queued_at or time.time()
                 self._observe_failure(partial=not full)
                 raise
             elapsed = time.monotonic() - t0
@@ -113,8 +117,9 @@ class Daemon:
                 self.need_full = False
                 self.last_full = time.monotonic()
             done, self.pending = self.pending, Changes()
+            triggers, self._triggers = self._triggers, []
         stale = self._cleanup_conntrack(done)
-        self._after_sync(done, full, elapsed, queued_at, result, stale)
+        self._after_sync(done, full, elapsed, triggers, result, stale)
         log.info("%s sync: %d service ports (%d changed), %d rules written, render %.1f ms, apply %.1f ms, "
                  "total %.1f ms%s", "full" if full else "partial", len(self.snapshot.services), len(done.changed)
                  + len(done.removed), result.rules, result.render_seconds * 1e3, result.apply_seconds * 1e3,
@@ -131,7 +136,7 @@ class Daemon:
             log.warning("stale UDP conntrack cleanup failed: %s", e)
             return 0
 
-    def _after_sync(self, done: Changes, full: bool, elapsed: float, queued_at: float | None,
+    def _after_sync(self, done: Changes, full: bool, elapsed: float, triggers: list[float],
                     result: dataplane.SyncResult, stale: int) -> None:
         if self.health is not None:
             if done.node_changed:
@@ -146,14 +151,22 @@ class Daemon:
         if m is not None:
             m.changes_seen(services=len(done.service_keys))
             m.sync_done(elapsed, full)
-            if queued_at is not None:
-                m.network_programmed([queued_at])
+            self._observe_programmed(triggers)
             counts = getattr(self.dp, "rule_counts", None)
             if counts:
                 for fam in (4, 6):
                     m.set_iptables_rules({t: n for (f, t), n in counts.items() if f == fam}, family=fam)
             for fam, (internal, external) in getattr(self.dp, "no_local_endpoints", {}).items():
                 m.set_no_local_endpoints(internal, external, family=fam)
+
+    def _observe_programmed(self, triggers: list[float]) -> None:
+        """kube-proxy's network programming latency: from each EndpointSlice change to its programming.
+
+        Changes from before this process started are left out (after a restart they would report the age of
+        the cluster's objects, not a programming delay) — as kube-proxy does.
+        """
+        if self.metrics is not None and triggers:
+            self.metrics.network_programmed([t for t in triggers if t >= self.started_at])
 
     def _observe_failure(self, partial: bool) -> None:
         if self.metrics is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -23,6 +24,9 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
 IPVS_SCHEDULER_ANNOTATION = "kproxy.io/ipvs-scheduler"
+# set by the EndpointSlice controller: when the change that produced this slice version happened
+# (kube-proxy measures network programming latency from it)
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 
 
 class InvalidObject(ValueError):
@@ -142,6 +146,7 @@ class EndpointSlice:
     ports: tuple[SlicePort, ...] = ()
     endpoints: tuple[Endpoint, ...] = ()
     resource_version: str = ""
+    trigger_time: float = 0.0  # TRIGGER_TIME_ANNOTATION as a Unix timestamp; 0 when absent or unparsable
 
     @property
     def key(self) -> tuple[str, str]:
@@ -353,8 +358,34 @@ def parse_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice:
             ref = f"{tref.get('kind', '')}/{tref.get('namespace', '')}/{tref.get('name', '')}"
         endpoints.append(new(Endpoint, (parsed, ready, serving, terminating, str(e.get("hostname") or ""),
                                         str(e.get("nodeName") or ""), str(e.get("zone") or ""), zones, ref)))
+    annotations = meta.get("annotations")
+    trigger = annotations.get(TRIGGER_TIME_ANNOTATION) if isinstance(annotations, dict) else None
     return EndpointSlice(ns, name, svc, atype, tuple(ports), tuple(endpoints),
-                         str(meta.get("resourceVersion") or ""))
+                         str(meta.get("resourceVersion") or ""), parse_timestamp(trigger))
+
+
+def parse_timestamp(value: object) -> float:
+    """An RFC 3339 timestamp (``2026-11-24T21:00:00.123456789Z``) as a Unix time; 0.0 if it is not one.
+
+    Only an observability input (never fails the object): Python's parser takes at most microseconds, so
+    nanosecond fractions are cut to six digits first.
+    """
+    if not isinstance(value, str) or not value:
+        return 0.0
+    text = value.strip()
+    dot = text.find(".")
+    if dot != -1:
+        end = dot + 1
+        while end < len(text) and text[end].isdigit():
+            end += 1
+        text = text[:dot + 1] + text[dot + 1:end][:6].ljust(6, "0") + text[end:]
+    try:
+        ts = datetime.fromisoformat(text)
+    except ValueError:
+        return 0.0
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.timestamp()
 
 
 def parse_node(obj: dict[str, Any]) -> Node:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,10 @@ class ClusterStore:
         self._consumers: dict[str, _Consumer] = {}
         self._lock = threading.RLock()
         self._listeners: list[Callable[[], None]] = []
+        # (service, when the change happened) per applied EndpointSlice version, for the network
+        # programming latency metric; taken by the proxy after it programmed the change
+        self._trigger_times: list[tuple[ServiceKey, float]] = []
+        self.track_trigger_times = False  # only the daemon reads them; off, nothing accumulates
         self.synced = False  # set by the source once the initial list is complete
 
     # ---- consumers -------------------------------------------------------------------------------
@@ -107,6 +112,16 @@ class ClusterStore:
             c = self._consumers[consumer]
             c.dirty.update(keys)
             c.nodes_dirty |= nodes
+
+    def take_trigger_times(self) -> list[tuple[ServiceKey, float]]:
+        """(service, change time) for every EndpointSlice version applied since the last call.
+
+        The change time is the slice's ``endpoints.kubernetes.io/last-change-trigger-time`` (set by the
+        EndpointSlice controller; what kube-proxy measures from) or, without one, when the store applied it.
+        """
+        with self._lock:
+            out, self._trigger_times = self._trigger_times, []
+            return out
 
     def _mark(self, key: ServiceKey) -> None:
         for c in self._consumers.values():
@@ -232,6 +247,8 @@ class ClusterStore:
             self.slices[key] = sl
             self.slices_by_service.setdefault((ns, sl.service_name), set()).add(name)
             self._mark((ns, sl.service_name))
+            if self.track_trigger_times:
+                self._trigger_times.append(((ns, sl.service_name), sl.trigger_time or time.time()))
             return 1
         log.debug("ignoring event for kind %s", ev.kind)
         return 0
