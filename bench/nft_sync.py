@@ -2,8 +2,10 @@
 
 For each size and each repeat a child process runs in a fresh network namespace (nothing touches the
 host's rules): it loads N Services × E endpoints (``bench/gen.py``, the inputs of ``sync_scale.py``)
-into the store, runs the first full sync, a second full sync over the populated table (what the
-periodic resync costs), then one-Service endpoint changes (partial syncs). Wall time *and* the child's
+into the store, computes the snapshot, runs the first full sync, a second full sync over the populated
+table (what the periodic resync costs), then one-Service endpoint changes (partial syncs). Then, into the
+emptied table, the floors of the first full sync: the kernel taking the very same (already encoded)
+element transaction, and ``nft -f`` alone loading the same ruleset as text. Wall time *and* the child's
 CPU time (user + system, with its nft children: the kernel's transaction work runs in the sender's
 context) are reported, so
 a run on a shared machine still shows the cost. Median [min–max] over the repeats.
@@ -38,7 +40,8 @@ def _child(a: argparse.Namespace) -> None:
     from gen import endpoint_slice, service
 
     from kproxy.config import ProxyConfig
-    from kproxy.dataplane.nftables import NftablesDataPlane
+    from kproxy.dataplane.nftables import NftablesDataPlane, netlink, nft, proxier
+    from kproxy.dataplane.nftables import render as r
     from kproxy.snapshot import ProxySnapshot
     from kproxy.store import ClusterStore, Event
 
@@ -46,18 +49,29 @@ def _child(a: argparse.Namespace) -> None:
     snap = ProxySnapshot(store, "node-1")
     store.apply([Event("ADDED", "Service", service(i, nodeport=i % 10 == 0)) for i in range(a.size)])
     store.apply([Event("ADDED", "EndpointSlice", endpoint_slice(i, a.endpoints)) for i in range(a.size)])
+    out: dict[str, Any] = {}
+    w, c = time.perf_counter(), _cpu()
     changes = snap.update()
+    out["snapshot"], out["snapshot_cpu"] = time.perf_counter() - w, _cpu() - c
     dp = NftablesDataPlane(ProxyConfig(mode="nftables", cluster_cidrs=("10.128.0.0/10",), hostname_override="node-1"))
     dp.use_netlink = a.path == "netlink"
+    dp.keep_transaction = True
     dp.setup()
-    out: dict[str, Any] = {}
+    nft_text = ""
     for label in ("full", "resync"):
         w, c = time.perf_counter(), _cpu()
         res = dp.sync(snap, changes, True)
         out[label] = time.perf_counter() - w
         out[label + "_cpu"] = _cpu() - c
         out[label + "_render"] = res.render_seconds
+        out[label + "_encode"] = res.extra.get("encode_seconds", 0.0)
+        out[label + "_transaction"] = res.extra.get("netlink_seconds", res.extra.get("nft_seconds", 0.0))
         out["elements"] = res.rules
+        if label == "full" and dp.last_transaction is not None:
+            first = dp.last_transaction
+            nft_text = "".join(line + "\n" for fam, p in first[2].items() for line in (
+                *p.pre, *proxier._ops_text(f"{r.nft_family(fam)} {r.TABLE}", p.ops), *p.post))
+        dp.keep_transaction = False
     partial, partial_cpu, written = [], [], []
     for k in range(a.partial_repeat):
         i = (k * 7919) % a.size
@@ -69,6 +83,23 @@ def _child(a: argparse.Namespace) -> None:
         written.append(res.rules)
     out.update(partial=partial, partial_cpu=partial_cpu, written=written,
                rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # Floors for the first full sync, into an emptied table: the kernel taking the very same element
+    # transaction (already encoded; its structure created first, untimed), and nft -f alone loading the
+    # same ruleset as text (what the nft path's parser and the kernel cost, with no Python at all).
+    if nft_text:
+        families = list(dp.families)
+        dp.cleanup()
+        if a.path == "netlink":
+            batches, pre, _plans = first
+            nft.apply(pre)
+            w = time.perf_counter()
+            netlink.commit_all(batches)
+            out["floor_transaction"] = time.perf_counter() - w
+            for fam in families:
+                nft.apply(f"delete table {r.nft_family(fam)} {r.TABLE}\n")
+        w = time.perf_counter()
+        nft.apply(nft_text)
+        out["floor_nft"] = time.perf_counter() - w
     print(json.dumps(out))
 
 
@@ -113,6 +144,7 @@ def main() -> int:
              "its CPU | one-Service change | its CPU | elements written | peak RSS |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
+    runs_by: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for size in (int(s) for s in a.sizes.split(",")):
         for path in a.paths.split(","):
             runs = [_run(path, size, a.endpoints, a.partial_repeat) for _ in range(a.repeat)]
@@ -125,6 +157,21 @@ def main() -> int:
                    f"{statistics.median([r['rss_mb'] for r in runs]):.0f} MB |")
             lines.append(row)
             print(row, flush=True)
+            runs_by[(path, size)] = runs
+    # where the first full sync's time goes, and what the same contents cost the kernel / nft alone
+    lines += ["", "| path | Services × endpoints | snapshot (store → service ports) | render (plan) | encode | "
+              "transaction (kernel) | first full sync (data plane) | snapshot + sync | transaction alone (floor) | "
+              "nft -f alone (floor) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (path, size), runs in runs_by.items():
+        floor_tx = [r["floor_transaction"] for r in runs if "floor_transaction" in r]
+        floor_nft = [r["floor_nft"] for r in runs if "floor_nft" in r]
+        lines.append(
+            f"| {path} | {size:,} × {a.endpoints} | {_stat([r['snapshot'] for r in runs])} | "
+            f"{_stat([r['full_render'] for r in runs])} | {_stat([r['full_encode'] for r in runs])} | "
+            f"{_stat([r['full_transaction'] for r in runs])} | {_stat([r['full'] for r in runs])} | "
+            f"{_stat([r['snapshot'] + r['full'] for r in runs])} | "
+            f"{_stat(floor_tx) if floor_tx else 'n/a'} | {_stat(floor_nft) if floor_nft else 'n/a'} |")
+    print("\n".join(lines[-len(runs_by) - 3:]), flush=True)
     lines.append(f"\nload average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if a.out:
         with open(a.out, "w") as f:

@@ -9,16 +9,19 @@ which UDP conntrack entries went stale. Everything here is pure computation over
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import NamedTuple
 
-from .model import Node, Service, family_of
+from .model import Endpoint, Node, Service, family_of
 from .store import ClusterStore, ServiceKey
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class ServicePortName:
+class ServicePortName(NamedTuple):
+    """A NamedTuple, not a dataclass: it keys every per-port dict, and a tuple hashes in C."""
+
     namespace: str
     name: str
     port: str  # the port's name, "" for a single unnamed port
@@ -148,26 +151,64 @@ def service_ports(svc: Service) -> dict[ServicePortName, ServicePort]:
     return out
 
 
+_IP = itemgetter(0)
+
+
+def _slice_infos(endpoints: tuple[Endpoint, ...], port: int, node_name: str) -> list[EndpointInfo]:
+    """One slice's endpoints for one of its ports (positional tuple construction: 100k per full sync)."""
+    new = tuple.__new__
+    local = node_name or None  # None never equals a node name: no endpoint is local without one
+    # kube-proxy uses the first address only
+    return [new(EndpointInfo, (addrs[0], port, ready, serving, terminating, node == local, node, zone, hints))
+            for addrs, ready, serving, terminating, _host, node, zone, hints, _ref in endpoints]
+
+
+def _merge(parts: list[list[EndpointInfo]]) -> tuple[EndpointInfo, ...]:
+    """Merge one port's endpoints from several slices (or with duplicates), sorted by (ip, port).
+
+    The same endpoint in two slices (during a slice migration): the first wins unless a later one is
+    ready and it is not.
+    """
+    bucket: dict[tuple[str, int], EndpointInfo] = {}
+    for infos in parts:
+        for info in infos:
+            k = (info.ip, info.port)
+            prev = bucket.get(k)
+            if prev is None or (info.ready and not prev.ready):
+                bucket[k] = info
+    return tuple(bucket[k] for k in sorted(bucket))
+
+
 def service_endpoints(store: ClusterStore, key: ServiceKey, node_name: str
                       ) -> dict[tuple[str, str], tuple[EndpointInfo, ...]]:
     """Endpoints of one Service merged from all its slices, keyed by (port name, protocol)."""
-    merged: dict[tuple[str, str], dict[tuple[str, int], EndpointInfo]] = {}
-    for sl in store.slices_for(key):
+    slices = store.slices_for(key)
+    if len(slices) == 1 and slices[0].address_type != "FQDN":
+        # the common case, one slice (its port names are unique): no merging across slices
+        sl = slices[0]
+        one: dict[tuple[str, str], tuple[EndpointInfo, ...]] = {}
+        for sp in sl.ports:
+            infos = _slice_infos(sl.endpoints, sp.port, node_name)
+            # one port: without duplicate addresses, sorting by ip is sorting by (ip, port)
+            if len({e[0] for e in infos}) == len(infos):
+                infos.sort(key=_IP)
+                one[(sp.name, sp.protocol)] = tuple(infos)
+            else:
+                one[(sp.name, sp.protocol)] = _merge([infos])
+        return one
+    parts: dict[tuple[str, str], list[list[EndpointInfo]]] = {}
+    for sl in slices:
         if sl.address_type == "FQDN":
             continue
         for sp in sl.ports:
-            bucket = merged.setdefault((sp.name, sp.protocol), {})
-            port = sp.port
-            for ep in sl.endpoints:
-                ip = ep.addresses[0]  # kube-proxy uses the first address only
-                info = EndpointInfo(ip, port, ep.ready, ep.serving, ep.terminating,
-                                    bool(node_name) and ep.node_name == node_name, ep.node_name, ep.zone,
-                                    ep.hint_zones)
-                prev = bucket.get((ip, port))
-                # The same endpoint in two slices (during a slice migration): prefer the ready one.
-                if prev is None or (info.ready and not prev.ready):
-                    bucket[(ip, port)] = info
-    return {k: tuple(v[key] for key in sorted(v)) for k, v in merged.items()}
+            infos = _slice_infos(sl.endpoints, sp.port, node_name)
+            pk = (sp.name, sp.protocol)
+            got = parts.get(pk)
+            if got is None:
+                parts[pk] = [infos]
+            else:
+                got.append(infos)
+    return {pk: _merge(got) for pk, got in parts.items()}
 
 
 class ProxySnapshot:
@@ -193,9 +234,17 @@ class ProxySnapshot:
         ch = Changes(node_changed=nodes_changed)
         if nodes_changed:
             self.node = self.store.node
-        for key in keys:
-            ch.service_keys.add(key)
-            self._recompute_service(key, ch)
+        # Everything built here stays alive (a full recompute: ~100k endpoint tuples): the cyclic GC
+        # would only rescan the store over and over (~1/3 of a 10k-Service recompute).
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for key in keys:
+                ch.service_keys.add(key)
+                self._recompute_service(key, ch)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         return ch
 
     def _recompute_service(self, key: ServiceKey, ch: Changes) -> None:
@@ -216,7 +265,7 @@ class ProxySnapshot:
             eps = eps_by_port.get((spn.port, spn.protocol), ())
             old_sp = self.services.get(spn)
             old_eps = self.endpoints.get(spn, ())
-            if old_sp == sp and old_eps == eps:
+            if old_sp is not None and old_sp == sp and old_eps == eps:
                 continue
             self.services[spn] = sp
             self.endpoints[spn] = eps
@@ -248,13 +297,13 @@ def _stale_for(sp: ServicePort, endpoint_ip: str, out: list[StaleUDP]) -> None:
 
 # ---- endpoint selection shared by every data plane (kube-proxy's pkg/proxy/topology.go) -------------
 
-@dataclass(frozen=True, slots=True)
-class Categorized:
+class Categorized(NamedTuple):
     """Which endpoints each kind of traffic may use (one family's endpoints in, as given).
 
     ``internal`` serves traffic to the ClusterIP (subject to internalTrafficPolicy), ``external`` traffic
     to NodePorts, externalIPs and LoadBalancer IPs (subject to externalTrafficPolicy); ``reachable`` is
-    their union, used for "does this Service have endpoints" decisions.
+    their union, used for "does this Service have endpoints" decisions. (A NamedTuple: one is built per
+    service port and family on every full sync.)
     """
 
     internal: tuple[EndpointInfo, ...]
@@ -281,16 +330,19 @@ def _can_use_topology(eps: Iterable[EndpointInfo], node_zone: str) -> bool:
 
 def categorize(sp: ServicePort, eps: Iterable[EndpointInfo], node_zone: str = "") -> Categorized:
     """Pick the usable endpoints for a service port, with topology hints and terminating fallback."""
-    eps = tuple(eps)
-    use_topology = _can_use_topology(eps, node_zone)
-    cluster = tuple(e for e in eps if e.ready and (not use_topology or node_zone in e.hint_zones))
+    if type(eps) is not tuple:
+        eps = tuple(eps)
+    if node_zone and _can_use_topology(eps, node_zone):
+        cluster = tuple([e for e in eps if e.ready and node_zone in e.hint_zones])
+    else:
+        cluster = tuple([e for e in eps if e.ready])
     if not cluster:
-        cluster = tuple(e for e in eps if e.serving and e.terminating)
-    if not sp.uses_local:
+        cluster = tuple([e for e in eps if e.serving and e.terminating])
+    if not (sp.external_local or sp.internal_local):
         return Categorized(cluster, cluster if sp.has_external else (), cluster, bool(cluster))
-    local = tuple(e for e in eps if e.ready and e.is_local)
+    local = tuple([e for e in eps if e.ready and e.is_local])
     if not local:
-        local = tuple(e for e in eps if e.serving and e.terminating and e.is_local)
+        local = tuple([e for e in eps if e.serving and e.terminating and e.is_local])
     internal = local if sp.internal_local else cluster
     external = (local if sp.external_local else cluster) if sp.has_external else ()
     if internal == external or not external:

@@ -1,4 +1,14 @@
-from kproxy.snapshot import ProxySnapshot, ServicePort, ServicePortName, categorize
+import gc
+import random
+
+from kproxy.snapshot import (
+    EndpointInfo,
+    ProxySnapshot,
+    ServicePort,
+    ServicePortName,
+    categorize,
+    service_endpoints,
+)
 from kproxy.store import ClusterStore, Event
 
 from .objs import ep, eps, svc
@@ -88,3 +98,64 @@ def test_has_any_endpoints_distinguishes_drop_from_reject() -> None:
     assert not c.internal and not c.reachable and c.has_any  # → DROP "has no local endpoints"
     none_ready = _eps(ClusterStore("node-a"), [ep("10.0.0.1", ready=False, serving=False)])
     assert not categorize(_sp(internal_local=True), none_ready).has_any  # → REJECT "has no endpoints"
+
+
+def _reference_endpoints(st: ClusterStore, key: tuple[str, str], node: str) -> dict:
+    """The merge rule stated plainly: every (ip, port) once, a ready copy over a not-ready one."""
+    merged: dict = {}
+    for sl in st.slices_for(key):
+        if sl.address_type == "FQDN":
+            continue
+        for p in sl.ports:
+            bucket = merged.setdefault((p.name, p.protocol), {})
+            for e in sl.endpoints:
+                info = EndpointInfo(e.addresses[0], p.port, e.ready, e.serving, e.terminating,
+                                    bool(node) and e.node_name == node, e.node_name, e.zone, e.hint_zones)
+                prev = bucket.get((info.ip, info.port))
+                if prev is None or (info.ready and not prev.ready):
+                    bucket[(info.ip, info.port)] = info
+    return {k: tuple(v[x] for x in sorted(v)) for k, v in merged.items()}
+
+
+def test_service_endpoints_match_the_merge_rule_for_random_slices() -> None:
+    rnd = random.Random(7)
+    for case in range(300):
+        st = ClusterStore("node-a")
+        st.apply([Event("ADDED", "Service", svc())])
+        for n in range(rnd.choice([1, 1, 2, 3])):
+            family = rnd.choice(["IPv4", "IPv4", "IPv6", "FQDN"])
+            items = []
+            for _ in range(rnd.choice([0, 1, 3, 8])):
+                last = rnd.randrange(6)  # few addresses: duplicates within and across slices
+                ip = {"IPv4": f"10.0.0.{last}", "IPv6": f"fd00::{last}", "FQDN": f"h{last}.example"}[family]
+                items.append(ep(ip, node=rnd.choice(["node-a", "node-b", ""]), ready=rnd.random() < 0.6,
+                                terminating=rnd.random() < 0.3, zones=rnd.choice([(), ("z1",)])))
+            ports = [{"name": "http", "port": rnd.choice([8080, 8081]), "protocol": "TCP"}]
+            if rnd.random() < 0.3:
+                ports.append({"name": "dns", "port": 53, "protocol": "UDP"})
+            st.apply([Event("ADDED", "EndpointSlice", eps("web", items, name=f"s{n}", ports=ports, family=family))])
+        for node in ("node-a", ""):
+            got = service_endpoints(st, ("default", "web"), node)
+            assert got == _reference_endpoints(st, ("default", "web"), node), f"case {case}"
+            assert all(type(e) is EndpointInfo for v in got.values() for e in v)
+
+
+def test_service_port_name_is_a_plain_key() -> None:
+    a = ServicePortName("ns", "web", "http", "TCP")
+    assert str(a) == "ns/web:http/TCP" and a.service_key == ("ns", "web")
+    assert a == ServicePortName("ns", "web", "http", "TCP") and hash(a) == hash(ServicePortName(*a))
+    assert sorted([a, ServicePortName("ns", "web", "b", "TCP")]) == [ServicePortName("ns", "web", "b", "TCP"), a]
+
+
+def test_recompute_restores_the_garbage_collector() -> None:
+    st, snap = _store()
+    st.apply([Event("ADDED", "Service", svc()), Event("ADDED", "EndpointSlice", eps("web", [ep("10.244.1.10")]))])
+    assert gc.isenabled()
+    assert snap.update().changed
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        snap.recompute([("default", "web")])
+        assert not gc.isenabled()  # a caller that turned it off keeps it off
+    finally:
+        gc.enable()

@@ -143,3 +143,64 @@ def test_netlink_encoding() -> None:
     assert b"nx-3\0" in elem and b"ns/x:p/TCP NodePort\0" in elem
     # every attribute is 4-byte aligned, as the kernel's nla_parse requires
     assert len(elem) % 4 == 0
+
+
+def _reference_element(key: str, tail: str) -> bytes:
+    """encode_element as composed from its parts (the per-element path the batch loop inlines)."""
+    kb = netlink._key_block(key)
+    tb = netlink._encode_tail(tail) if tail else b""
+    return struct.pack("=HH", 4 + len(kb) + len(tb), netlink.NFTA_LIST_ELEM | netlink.NLA_F_NESTED) + kb + tb
+
+
+def test_batch_encoding_matches_the_per_element_encoding() -> None:
+    items = [
+        ("10.96.0.10 . tcp . 80", " : 10.244.1.10 . 8080"),  # endpoint (the inlined fast path)
+        ("10.96.0.10 . tcp . 80", " : 10.244.1.11 . 8080"),  # same key again (cached prefix)
+        ("fd00::10 . udp . 53", " : fd01::5 . 5353"),  # IPv6 endpoint
+        ("tcp . 30080", " : 10.244.1.12 . 9000"),  # NodePort key
+        ("10.96.0.10 . tcp . 80", ' comment "default/web:http/TCP ClusterIP" : goto c-3'),
+        ("10.96.0.11 . tcp . 80", ' comment "default/x:http/TCP ClusterIP" : goto reject-chain'),
+        ("10.96.0.12 . sctp . 80", ' comment "default/y:http/SCTP ClusterIP" : drop'),
+        ("10.96.0.13 . tcp . 80", " : goto c-2"),
+        ("10.244.1.10 . 10.244.1.10", ""),  # hairpin: a set element without data
+    ]
+    assert netlink.encode_elements(items) == [_reference_element(k, t) for k, t in items]
+    assert netlink.encode_element(*items[0]) == _reference_element(*items[0])
+    # the endpoint value as the kernel stores it: address, then the port in a 32-bit register
+    assert netlink.encode_elements(items[:1])[0].endswith(socket.inet_aton("10.244.1.10") + b"\x1f\x90\0\0")
+    batch = netlink.Batch(4, r.TABLE)
+    batch.add("ep-e-0", items[:2])
+    batch.delete("svc", ["10.96.0.10 . tcp . 80"])
+    assert batch.elements == 3
+    assert netlink.encode_elements([("10.96.0.10 . tcp . 80", "")])[0] in batch.msgs[1][1]
+
+
+def test_batch_encoding_rejects_what_the_per_element_encoding_rejects() -> None:
+    for tail in (" : 10.244.1.300 . 8080", " : 10.244.1.1 . 70000", " : frob"):
+        for encode in (lambda t: netlink.encode_elements([("10.96.0.10 . tcp . 80", t)]),
+                       lambda t: _reference_element("10.96.0.10 . tcp . 80", t)):
+            try:
+                encode(tail)
+            except (OSError, ValueError, struct.error):
+                continue
+            raise AssertionError(f"{tail!r} was encoded")
+
+
+def test_bulk_load_counts_chains_and_sets_like_incremental_claims() -> None:
+    services = {ServicePortName("default", f"s{i}", "http", "TCP"):
+                sp(f"s{i}", f"10.96.0.{i + 1}", affinity_timeout=60 if i % 3 == 0 else 0, node_port=30000 + i)
+                for i in range(30)}
+    rendered = {spn: r.render_service(s, eps(*range(10, 10 + i % 5)), CTX) for i, (spn, s) in
+                enumerate(services.items())}
+    bulk, incremental = ElementIndex(), ElementIndex()
+    for spn, se in rendered.items():
+        bulk.load(spn, se)
+        incremental.replace(spn, se, Delta())
+    bulk.end_load()
+    assert +bulk.chains == +incremental.chains and +bulk.sets == +incremental.sets
+    assert bulk.current == {s: e for s, e in incremental.current.items() if e or s in bulk.current}
+    assert "aff-0" in bulk.live_sets() and "c-4-a60" in bulk.live_chains()
+    # service ports of one shape share their chain and set collections
+    a, b = rendered[ServicePortName("default", "s1", "http", "TCP")], \
+        rendered[ServicePortName("default", "s11", "http", "TCP")]
+    assert a.chains is b.chains and a.sets is b.sets

@@ -133,6 +133,9 @@ def _encode_tail(tail: str) -> bytes:
         end = rest.index("\"", 10)
         comment = rest[10:end]
         rest = rest[end + 1:]
+        if rest:
+            body = _tail_block(rest)  # the verdict after a (unique) comment repeats: cached
+            rest = ""
     if rest.startswith(" : "):
         data = rest[3:]
         word, _, target = data.partition(" ")
@@ -156,12 +159,78 @@ def _encode_tail(tail: str) -> bytes:
 
 def encode_element(key: str, tail: str = "") -> bytes:
     """NFTA_LIST_ELEM for ``key`` + ``tail`` (the nft element text split as the renderer does)."""
+    return encode_elements(((key, tail),))[0]
+
+
+_LIST_ELEM = NFTA_LIST_ELEM | NLA_F_NESTED
+# everything of an endpoint element before the address, by key, per family (the key repeats in every
+# slot map); and the encoded ports
+_ep_prefix: dict[int, dict[str, bytes]] = {4: {}, 6: {}}
+_port_cache: dict[str, bytes] = {}
+
+
+def _endpoint_prefix(key: str, fam: int) -> bytes:
     kb = _key_block(key)
-    if not tail:
-        return _ELEM.pack(4 + len(kb), NFTA_LIST_ELEM | NLA_F_NESTED) + kb
-    # comments make tails unique per service, endpoint values nearly so: cache only the verdicts
-    tb = _tail_block(tail) if tail.startswith(" : goto") else _encode_tail(tail)
-    return _ELEM.pack(4 + len(kb) + len(tb), NFTA_LIST_ELEM | NLA_F_NESTED) + kb + tb
+    hdr = _DATA_HDR6 if fam == 6 else _DATA_HDR4
+    b = _ELEM.pack(4 + len(kb) + len(hdr) + (16 if fam == 6 else 4) + 4, _LIST_ELEM) + kb + hdr
+    cache = _ep_prefix[fam]
+    if len(cache) > CACHE_MAX:
+        cache.clear()
+    cache[key] = b
+    return b
+
+
+def _port_block(port: str) -> bytes | None:
+    if not port.isdigit() or int(port) > 65535:
+        return None
+    b = _port_cache[port] = _PORT.pack(int(port), 0)
+    return b
+
+
+def encode_elements(items: Iterable[tuple[str, str]]) -> list[bytes]:
+    """:func:`encode_element` for many elements: the full sync's hot loop (~100k elements), inlined.
+
+    Endpoint tails (``" : <ip> . <port>"``) are unique per element: they are encoded here directly
+    after the cached bytes of their key; verdict tails repeat and are cached; anything else goes
+    through :func:`_encode_tail`.
+    """
+    out: list[bytes] = []
+    append = out.append
+    key_cache, tail_cache, ports = _key_cache, _tail_cache, _port_cache
+    prefix4, prefix6 = _ep_prefix[4], _ep_prefix[6]
+    elem, inet_pton, af4, af6 = _ELEM.pack, socket.inet_pton, socket.AF_INET, socket.AF_INET6
+    for key, tail in items:
+        if tail:
+            head, sep, port = tail.rpartition(" . ")
+            if sep and head.startswith(" : "):
+                pb = ports.get(port)
+                if pb is None:
+                    pb = _port_block(port)
+                ip = head[3:]
+                try:
+                    if pb is None:
+                        pass
+                    elif ":" in ip:
+                        append((prefix6.get(key) or _endpoint_prefix(key, 6)) + inet_pton(af6, ip) + pb)
+                        continue
+                    else:
+                        append((prefix4.get(key) or _endpoint_prefix(key, 4)) + inet_pton(af4, ip) + pb)
+                        continue
+                except OSError:
+                    pass  # not an address: the general path below says what is wrong with it
+        kb = key_cache.get(key)
+        if kb is None:
+            kb = _key_block(key)
+        if not tail:
+            append(elem(4 + len(kb), _LIST_ELEM) + kb)
+            continue
+        if tail.startswith(" : goto"):
+            tb = tail_cache.get(tail) or _tail_block(tail)
+        else:
+            # comments make these tails unique per service: not cached
+            tb = _encode_tail(tail)
+        append(elem(4 + len(kb) + len(tb), _LIST_ELEM) + kb + tb)
+    return out
 
 
 class Batch:
@@ -203,10 +272,10 @@ class Batch:
                 self.msgs.append((kind, head + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, part)))
 
     def add(self, set_name: str, items: Iterable[tuple[str, str]]) -> None:
-        self._elements(NFT_MSG_NEWSETELEM, set_name, (encode_element(k, t) for k, t in items))
+        self._elements(NFT_MSG_NEWSETELEM, set_name, encode_elements(items))
 
     def delete(self, set_name: str, keys: Iterable[str]) -> None:
-        self._elements(NFT_MSG_DELSETELEM, set_name, (encode_element(k) for k in keys))
+        self._elements(NFT_MSG_DELSETELEM, set_name, encode_elements((k, "") for k in keys))
 
     def commit(self) -> None:
         """Send the batch and wait for every acknowledgement; SyncError (nothing applied) on failure."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from .. import SetupError, SyncError
@@ -28,6 +30,32 @@ def apply(script: str, timeout: float = 120.0) -> None:
     if p.returncode != 0:
         err = p.stderr.strip().splitlines()
         raise SyncError("nft -f failed: " + " | ".join(err[:6]) + (" ..." if len(err) > 6 else ""))
+
+
+def start(script: str, timeout: float = 120.0) -> Callable[[], None]:
+    """Begin :func:`apply` of ``script`` in the background; return the function that waits for it.
+
+    The waiter raises what :func:`apply` would have raised. A full sync uses this to let ``nft`` build
+    the structure while this process encodes the element transaction (which needs that structure only
+    when it is sent).
+    """
+    errors: list[SyncError] = []
+
+    def run() -> None:
+        try:
+            apply(script, timeout)
+        except SyncError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run, name="nft-apply", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    return wait
 
 
 def list_json(*what: str, timeout: float = 120.0, terse: bool = False) -> list[dict[str, Any]]:

@@ -296,8 +296,10 @@ class ServiceElements:
     """Everything one service port contributes to one family's table."""
 
     elements: Elements = field(default_factory=dict)
-    chains: set[str] = field(default_factory=set)  # shared selection / slot chains it needs
-    sets: set[str] = field(default_factory=set)  # per-slot sets and maps it needs (affinity)
+    # shared selection / slot chains it needs, and the per-slot sets and maps: one frozenset shared by
+    # every service port of the same shape (see _structure), so the index counts them per shape
+    chains: frozenset[str] = frozenset()
+    sets: frozenset[str] = frozenset()
     no_local: dict[str, bool] = field(default_factory=dict)
 
     def add(self, set_name: str, key: str, value: str = "") -> None:
@@ -322,10 +324,26 @@ def _aff_names(n: int) -> tuple[str, ...]:
     return tuple(aff_set(k) for k in range(n))
 
 
+@functools.lru_cache(maxsize=4096)
+def _structure(timeout: int, frontends: tuple[tuple[str, int], ...]) -> tuple[frozenset[str], frozenset[str]]:
+    """(chains, sets) a service port needs, from the (kind, endpoint count) of each of its frontends."""
+    chains: set[str] = set()
+    sets: set[str] = set()
+    for kind, n in frontends:
+        amap = KIND_MAP[kind]
+        chains.add(sel_chain(kind, n, timeout))
+        chains.update(_slot_chains(amap, timeout, n))
+        sets.update(_ep_names(amap, n))
+        if timeout:
+            sets.update(_aff_names(n))
+    return frozenset(chains), frozenset(sets)
+
+
 def _comment(spn: str, kind: str) -> str:
     """An element comment naming the service port (nft limits comments to 128 bytes)."""
     text = f"{spn} {kind}"
-    if len(text.encode()) > 120:
+    # at most 4 bytes per character: only a long text needs encoding to check its length
+    if len(text) > 30 and len(text.encode()) > 120:
         text = text.encode()[:120].decode(errors="ignore")
     return f' comment "{text}"'
 
@@ -362,31 +380,35 @@ def render_service(sp: ServicePort, eps: tuple[EndpointInfo, ...], ctx: Context,
     """The map elements of one service port for ``ctx.family`` (``eps`` may hold both families).
 
     With ``previous`` (what this service port rendered before), surviving endpoints keep their slots.
+    A full sync calls this for every service port: the hot loops use locals and tuple unpacking.
     """
     fam = ctx.family
     out = ServiceElements()
     cluster_ip = sp.cluster_ip(fam)
     if cluster_ip is None:
         return out
-    v6 = fam == 6
-    fam_eps = tuple(e for e in eps if (":" in e.ip) == v6)
+    if fam == 6:
+        fam_eps = tuple([e for e in eps if ":" in e[0]])
+    else:
+        fam_eps = tuple([e for e in eps if ":" not in e[0]])
     cat = categorize(sp, fam_eps, ctx.node_zone)
     spn = str(sp.spn)
     proto = sp.protocol.lower()
     port = sp.port
-    ext_ips = tuple(ip for ip in sp.external_ips if family_of(ip) == fam)
-    lb_ips = tuple(ip for ip in sp.lb_ips if family_of(ip) == fam)
+    ext_ips = tuple(ip for ip in sp.external_ips if family_of(ip) == fam) if sp.external_ips else ()
+    lb_ips = tuple(ip for ip in sp.lb_ips if family_of(ip) == fam) if sp.lb_ips else ()
     # kube-proxy's hasAnyEndpoints: a usable endpoint anywhere (then a policy miss DROPs instead of REJECTs)
     has_endpoints = bool(cat.reachable) or any(e.ready or (e.serving and e.terminating) for e in fam_eps)
     no_ep_verdict = "drop" if has_endpoints else f"goto {REJECT_CHAIN}"
     sc_eps = cluster_wide(sp, fam_eps, ctx.node_zone) if sp.external_local else ()
-    if sp.uses_local:
+    if sp.external_local or sp.internal_local:
         out.no_local = {
             "internal": sp.internal_local and not cat.internal and bool(fam_eps),
             "external": sp.external_local and sp.has_external and not cat.external and bool(fam_eps),
         }
-    hairpin: set[str] = set()
+    hairpin: list[str] = []
     elements = out.elements
+    shape: list[tuple[str, int]] = []  # (kind, endpoint count) of every frontend: what chains and sets it needs
     t = sp.affinity_timeout
 
     def frontend(verdict_map: str, kind: str, key: str, chosen: tuple[EndpointInfo, ...], comment: str) -> None:
@@ -394,8 +416,12 @@ def render_service(sp: ServicePort, eps: tuple[EndpointInfo, ...], ctx: Context,
         if not n:
             return
         chain = sel_chain(kind, n, t)
-        out.chains.add(chain)
-        out.add(verdict_map, key, f"{comment} : goto {chain}")
+        shape.append((kind, n))
+        vm = elements.get(verdict_map)
+        if vm is None:
+            elements[verdict_map] = {key: f"{comment} : goto {chain}"}
+        else:
+            vm[key] = f"{comment} : goto {chain}"
         amap = KIND_MAP[kind]
         names = _ep_names(amap, n)
         if previous is not None:
@@ -407,19 +433,17 @@ def render_service(sp: ServicePort, eps: tuple[EndpointInfo, ...], ctx: Context,
                 before.append(v[3:])
             if before:
                 chosen = stable_order(chosen, before)
-        out.sets.update(names)
-        out.chains.update(_slot_chains(amap, t, n))
-        if t:
-            out.sets.update(_aff_names(n))
-        for name, ep in zip(names, chosen, strict=True):
-            ip = ep.ip
+        get = elements.get
+        for name, (ip, ep_port, _ready, _serving, _term, is_local, node_name, _zone, _hints) in zip(
+                names, chosen, strict=True):
             # hairpin (a pod reaching itself) is only possible for endpoints on this node
-            if ep.is_local or not ep.node_name:
-                hairpin.add(ip)
-            if name in elements:
-                elements[name][key] = f" : {ip} . {ep.port}"
+            if is_local or not node_name:
+                hairpin.append(ip)
+            m = get(name)
+            if m is None:
+                elements[name] = {key: f" : {ip} . {ep_port}"}
             else:
-                elements[name] = {key: f" : {ip} . {ep.port}"}
+                m[key] = f" : {ip} . {ep_port}"
 
     # ClusterIP
     key = f"{cluster_ip} . {proto} . {port}"
@@ -454,6 +478,8 @@ def render_service(sp: ServicePort, eps: tuple[EndpointInfo, ...], ctx: Context,
             frontend(NODEPORTS_SC, "ns", key, sc_eps, c)
         if not cat.external:
             out.add(NO_EP_NP, key, f"{c} : {no_ep_verdict}")
-    for ip in hairpin:
-        out.add(HAIRPIN, f"{ip} . {ip}")
+    if hairpin:
+        out.elements[HAIRPIN] = {f"{ip} . {ip}": "" for ip in dict.fromkeys(hairpin)}
+    if shape:
+        out.chains, out.sets = _structure(t, tuple(shape))
     return out

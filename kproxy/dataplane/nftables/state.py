@@ -42,42 +42,63 @@ class ElementIndex:
         self.sets: Counter[str] = Counter()
         # holder of every key of a set that saw a collision during bulk loading (built on demand)
         self._rev: dict[str, dict[str, Owner]] = {}
+        # (chains, sets) of the service ports loaded since the last end_load → how many share them
+        self._shapes: dict[tuple[frozenset[str], frozenset[str]], int] = {}
 
     # ---- bulk ------------------------------------------------------------------------------------
     def load(self, owner: Owner, new: ServiceElements) -> None:
-        """Claim ``new`` for an owner not yet in the index (full syncs build a fresh index this way)."""
+        """Claim ``new`` for an owner not yet in the index (full syncs build a fresh index this way).
+
+        Call :meth:`end_load` after the last one. The hot path (every key new to its set) is one
+        ``isdisjoint`` and one ``update`` per set; chains and sets are counted per distinct frozenset.
+        """
         self.by_owner[owner] = new
+        current, revs = self.current, self._rev
         for s, elems in new.elements.items():
-            cur = self.current.get(s)
+            cur = current.get(s)
             if cur is None:
-                cur = self.current[s] = {}
+                cur = current[s] = {}
             if s in REFCOUNTED:
                 cur.update(elems)
                 self.refs[s].update(elems.keys())
-                continue
-            rev = self._rev.get(s)
-            if cur.keys().isdisjoint(elems):
+            elif s not in revs and cur.keys().isdisjoint(elems):
                 cur.update(elems)
-                if rev is not None:
-                    rev.update(dict.fromkeys(elems, owner))
-                continue
-            if rev is None:
-                rev = self._rev[s] = {}
-                for o, se in self.by_owner.items():
-                    if o != owner:
-                        rev.update(dict.fromkeys(se.elements.get(s, ()), o))
-            for k, v in elems.items():
-                first = rev.get(k)
-                if first is None or first == owner:
-                    cur[k] = v  # not contested (the holder map knows every key of this set)
-                else:
-                    self._claim(s, k, owner, v, first)
-                rev.setdefault(k, owner)
-        self.chains.update(new.chains)
-        self.sets.update(new.sets)
+            else:
+                self._load_contested(owner, s, cur, elems)
+        shapes = self._shapes
+        if new.chains or new.sets:
+            shape = (new.chains, new.sets)
+            shapes[shape] = shapes.get(shape, 0) + 1
+
+    def _load_contested(self, owner: Owner, s: str, cur: dict[str, str], elems: dict[str, str]) -> None:
+        """Load one set's elements once some key of a set was claimed twice (a duplicate frontend)."""
+        rev = self._rev.get(s)
+        if cur.keys().isdisjoint(elems):
+            cur.update(elems)
+            if rev is not None:
+                rev.update(dict.fromkeys(elems, owner))
+            return
+        if rev is None:
+            rev = self._rev[s] = {}
+            for o, se in self.by_owner.items():
+                if o != owner:
+                    rev.update(dict.fromkeys(se.elements.get(s, ()), o))
+        for k, v in elems.items():
+            first = rev.get(k)
+            if first is None or first == owner:
+                cur[k] = v  # not contested (the holder map knows every key of this set)
+            else:
+                self._claim(s, k, owner, v, first)
+            rev.setdefault(k, owner)
 
     def end_load(self) -> None:
         self._rev.clear()
+        for (chains, sets), n in self._shapes.items():
+            for c in chains:
+                self.chains[c] += n
+            for c in sets:
+                self.sets[c] += n
+        self._shapes.clear()
 
     # ---- incremental ---------------------------------------------------------------------------------
     def replace(self, owner: Owner, new: ServiceElements | None, delta: Delta) -> None:
