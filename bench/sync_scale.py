@@ -5,7 +5,8 @@ For every (mode/back end, size) and every repeat, a child process runs in a fres
 plane's first full sync, then repeatedly changes one Service's endpoints and runs partial syncs. The
 parent also times ``iptables-restore`` alone loading the exact same full ruleset into another fresh
 namespace: the floor a full sync cannot beat. Reported: median [min–max] over the repeats, and the
-child's peak RSS.
+child's peak RSS. The xtables lock file is global, not per namespace: both the child and the floor get a
+private one (XTABLES_LOCKFILE), so another job's long restore in its own namespace cannot stall them.
 
     sudo .venv/bin/python bench/sync_scale.py --sizes 1000,5000,10000 --backends legacy,nft
 """
@@ -92,6 +93,10 @@ def _del(ns: str) -> None:
     subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
+def _private_lock(workdir: str) -> dict[str, str]:
+    return {**os.environ, "XTABLES_LOCKFILE": os.path.join(workdir, "xtables.lock")}
+
+
 def _floor(backend: str, path: str) -> float:
     """Time iptables-restore alone loading the same ruleset into a fresh namespace."""
     ns = _netns()
@@ -99,7 +104,7 @@ def _floor(backend: str, path: str) -> float:
         with open(path) as f:
             t0 = time.perf_counter()
             subprocess.run(["ip", "netns", "exec", ns, f"iptables-{backend}-restore", "-w", "5", "--noflush"],
-                           stdin=f, check=True, capture_output=True)
+                           stdin=f, check=True, capture_output=True, env=_private_lock(os.path.dirname(path)))
             return time.perf_counter() - t0
     finally:
         _del(ns)
@@ -121,7 +126,7 @@ def _run_one(mode: str, backend: str, size: int, endpoints: int, partial_repeat:
                 "--workdir", workdir]
         if backend:
             argv += ["--backend", backend]
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=3600, env=_private_lock(workdir))
         if p.returncode != 0:
             raise RuntimeError(f"benchmark child failed: {p.stderr[-2000:]}")
         out = json.loads(p.stdout.strip().splitlines()[-1])

@@ -2,18 +2,23 @@
 
 A full sync streams these chunks into a running iptables-restore (see :mod:`.stream`), so the
 layout is chosen for a parser that sees the input before it is complete: every chain is declared
-before the first rule that jumps to it, and each service chain's declaration is followed directly by
-its rules::
+before the first rule that jumps to it, and each chunk of service chains is declared right before its
+rules::
 
     *nat
     :<dispatch chains>            flushed first: static chains jump to them, their rules come last
     :<static chain> + its rules
-    :<service chain> + its rules  ... per service port, in snapshot order
+    :<service chains> <rules>     per chunk of ~4,000 rules, service ports in snapshot order
     <dispatch rules>              every service chain they jump to exists by now
     :<stale chain> ... -X <stale chain>
     COMMIT
     *filter                       (the same, without service chains)
     COMMIT
+
+Declarations grouped per chunk, not each just before its own rules nor all at the top: the legacy
+back end parses every one of these layouts equally fast, but iptables-nft-restore took ~4.4 s of CPU
+for the 1,000 × 10 ruleset in chunks against ~8 s with all declarations first and ~9.5 s with each
+chain's declaration next to its rules (1.8.9, measured here).
 
 The nat table comes first because it is where the bulk of the rules is; the filter table's rules are
 collected while nat is rendered. Everything the last chunk needs, including the kernel's chain list
@@ -54,31 +59,31 @@ def full_restore_input(services: Mapping[ServicePortName, ServicePort],
     declared: dict[str, set[str]] = {r.NAT: set(), r.FILTER: set()}
     lines = ["*nat", *_head(r.NAT, static, declared), ""]
     yield "\n".join(lines)  # at once: the restore takes the lock and reads the table while we render
-    lines = []
     nat_names = declared[r.NAT]
     rendered = out.rendered
     summary = r.RenderedSummary.of
     render = r.render_service
     eps_get = endpoints.get
-    append = lines.append
-    extend = lines.extend
+    decls: list[str] = []  # this chunk's chain declarations, written before its rules (see above)
+    body: list[str] = []
     rules = 0
     for spn, sp in services.items():
         sr = render(sp, eps_get(spn, ()), ctx)
         s = rendered[spn] = summary(sr)
         rules += s.nat_rules + s.filter_rules
         for chain, chain_rules in sr.chains.items():
-            append(f":{chain} - [0:0]")
-            extend(chain_rules)
+            decls.append(f":{chain} - [0:0]")
+            body.extend(chain_rules)
             nat_names.add(chain)
         for key, dispatch_rules in sr.dispatch.items():
             dispatch[key].extend(dispatch_rules)
-        if len(lines) >= CHUNK_LINES:
-            append("")
-            yield "\n".join(lines)
-            lines = []
-            append = lines.append
-            extend = lines.extend
+        if len(body) >= CHUNK_LINES:
+            decls.extend(body)
+            decls.append("")
+            yield "\n".join(decls)
+            decls = []
+            body = []
+    lines = decls + body
     kernel = kernel_chains()
     for table in (r.NAT, r.FILTER):
         if table == r.FILTER:
