@@ -31,7 +31,9 @@ class RestoreStream:
         # a file, not a pipe: nothing can block on diagnostics; closed in wait() or abort()
         self._out = tempfile.TemporaryFile()  # noqa: SIM115
         try:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=self._out, stderr=self._out)
+            # unbuffered: each chunk reaches the parser whole, not minus what a buffer holds back
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=self._out, stderr=self._out,
+                                         bufsize=0)
         except OSError as e:
             self._out.close()
             raise SyncError(f"cannot run {self.argv[0]}: {e}") from None
@@ -60,10 +62,11 @@ class RestoreStream:
         self._lines += chunk.count("\n")
         if self._broken:
             return
-        data = chunk.encode()
+        data = memoryview(chunk.encode())
         t0 = time.perf_counter()
         try:
-            self._stdin.write(data)
+            while data:
+                data = data[self._stdin.write(data) or 0:]  # a signal can cut a pipe write short
         except BrokenPipeError:
             self._broken = True  # wait() reports why the process exited
         self.write_seconds += time.perf_counter() - t0
