@@ -1,9 +1,9 @@
-"""The IPVS mode's ipsets, applied with one ``ipset restore`` per sync.
+"""The IPVS mode's ipsets: creation (``ipset restore``), member syntax and read-back.
 
 pyroute2's ``IPSet`` would avoid the exec, but it costs one netlink round trip (and asyncio turn) per
 member: ~19 ms per call in the test VM, i.e. minutes for the tens of thousands of members of a large
-cluster. ``ipset restore -exist`` applies any number of creates/adds/deletes in one process (a few ms),
-which is what kube-proxy does too. Reading back uses ``ipset save`` once.
+cluster. Sets are created with ``ipset restore -exist`` (once, at setup); members are added and deleted
+in batches over nfnetlink (:class:`.netlink.IPSetClient`) and read back with one netlink dump.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import subprocess
 
 from .. import SetupError, SyncError
 from .desired import SET_TYPES, all_set_names, base_name
+from .netlink import IPSetClient
 
 
 def available() -> bool:
@@ -54,20 +55,19 @@ def ensure_sets() -> None:
     run_restore([create_line(name, fam) for name, fam in all_set_names()])
 
 
-def read_members() -> dict[str, set[str]]:
-    """Members of our sets as the kernel has them (sets that do not exist are absent)."""
+def read_members(client: IPSetClient | None = None) -> dict[str, set[str]]:
+    """Members of our sets as the kernel has them, in ``ipset save`` syntax (sets that do not exist are
+    absent). One netlink dump (``client``'s socket, or a temporary one)."""
     ours = {name for name, _ in all_set_names()}
-    p = subprocess.run(["ipset", "save"], capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SyncError(f"ipset save failed: {p.stderr.strip()}")
-    out: dict[str, set[str]] = {}
-    for line in p.stdout.splitlines():
-        words = line.split()
-        if len(words) >= 2 and words[0] == "create" and words[1] in ours:
-            out.setdefault(words[1], set())
-        elif len(words) >= 3 and words[0] == "add" and words[1] in ours:
-            out.setdefault(words[1], set()).add(words[2])
-    return out
+    c = client or IPSetClient()
+    try:
+        listed = c.list_members()
+    except OSError as e:
+        raise SyncError(f"cannot list ipsets: {e}") from None
+    finally:
+        if client is None:
+            c.close()
+    return {name: members for name, members in listed.items() if name in ours}
 
 
 def destroy_all() -> bool:

@@ -221,7 +221,9 @@ class NetlinkSocket:
             self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         self.sock.bind((0, 0))
         self.seq = 1
-        self._pending: list[tuple[int, str, bool]] = []  # (seq, description, ignore EEXIST/ENOENT)
+        # seq → (description, ignore EEXIST/ENOENT)
+        self._pending: dict[int, tuple[str | tuple[object, ...], bool]] = {}
+        self._last_hdr = 0  # offset of the last queued request's header in _buf
         self._buf = bytearray()
         self.errors: list[NetlinkError] = []
         self._rbuf = bytearray(256 * 1024)  # reused: one recv per ACK, no per-call allocation
@@ -234,36 +236,53 @@ class NetlinkSocket:
         self.seq = (self.seq + 1) & 0xFFFFFFFF or 1
         return self.seq
 
-    def queue(self, mtype: int, flags: int, payload: bytes, what: str, tolerant: bool = False) -> None:
-        """Add a request (with NLM_F_ACK) to the current batch; send when the batch is full."""
+    def queue(self, mtype: int, flags: int, payload: bytes, what: str | tuple[object, ...],
+              tolerant: bool = False) -> None:
+        """Add a request to the current batch; send when the batch is full.
+
+        Only the last request of a batch asks for an ACK: the kernel answers a request without NLM_F_ACK
+        only when it fails (``netlink_rcv_skb``), and handles one ``send()`` in order, so the last ACK
+        means every earlier request was handled and its error, if any, is already queued before it. This
+        saves one reply skb in the kernel and one ``recv()`` here per successful request. ``what`` describes
+        the request for an error message: a string, or a tuple of parts concatenated only if the request fails
+        (formatting tens of thousands of descriptions that are never shown costs more than encoding).
+        """
         seq = self._next_seq()
-        self._buf += struct.pack("=IHHII", 16 + len(payload), mtype, flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0)
+        self._last_hdr = len(self._buf)
+        self._buf += struct.pack("=IHHII", 16 + len(payload), mtype, flags | NLM_F_REQUEST, seq, 0)
         self._buf += payload
-        self._pending.append((seq, what, tolerant))
+        self._pending[seq] = (what, tolerant)
         if len(self._buf) >= BATCH_BYTES:
             self._flush_batch()
 
     def _flush_batch(self) -> None:
         if not self._pending:
             return
-        self.sock.send(bytes(self._buf))
+        # set NLM_F_ACK on the last request (flags: bytes 6-7 of its header)
+        (flags,) = struct.unpack_from("=H", self._buf, self._last_hdr + 6)
+        struct.pack_into("=H", self._buf, self._last_hdr + 6, flags | NLM_F_ACK)
+        last_seq = self.seq
+        self.sock.send(self._buf)
         self._buf.clear()
-        waiting = {seq: (what, tol) for seq, what, tol in self._pending}
-        self._pending.clear()
+        waiting, self._pending = self._pending, {}
         buf, view = self._rbuf, self._rview
-        while waiting:
+        done = False
+        while not done:
             size = self.sock.recv_into(buf)
             data = view[:size]
             off = 0
-            while off + 16 <= len(data):
+            while off + 16 <= size:
                 n, mtype, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
                 if mtype == NLMSG_ERROR and seq in waiting:
                     (code,) = struct.unpack_from("=i", data, off + 16)
                     what, tol = waiting.pop(seq)
                     if code < 0 and not (tol and -code in (errno.EEXIST, errno.ENOENT, errno.ESRCH,
                                                            errno.EADDRNOTAVAIL)):
-                        self.errors.append(NetlinkError(-code, what))
-                off += (n + 3) & ~3 if n else len(data)
+                        text = what if isinstance(what, str) else "".join(str(w) for w in what)
+                        self.errors.append(NetlinkError(-code, text))
+                    if seq == last_seq:
+                        done = True
+                off += (n + 3) & ~3 if n else size
 
     def commit(self) -> list[NetlinkError]:
         """Send what is queued, wait for every ACK; return (and clear) the errors."""
@@ -280,12 +299,13 @@ class NetlinkSocket:
                        + payload)
         done = False
         while not done:
-            data = self.sock.recv(256 * 1024)
+            size = self.sock.recv_into(self._rbuf)
+            data = bytes(self._rview[:size])
             off = 0
-            while off + 16 <= len(data):
+            while off + 16 <= size:
                 n, rtype, rflags, rseq, _ = struct.unpack_from("=IHHII", data, off)
                 body = data[off + 16:off + n]
-                off += (n + 3) & ~3 if n else len(data)
+                off += (n + 3) & ~3 if n else size
                 if rseq != seq:
                     continue
                 if rtype == NLMSG_DONE:
@@ -331,7 +351,7 @@ class IPVSClient:
     def add_service(self, key: VSKey, scheduler: str, flags: int, timeout: int) -> None:
         self.nl.queue(self.family, NLM_F_CREATE | NLM_F_EXCL,
                       self._hdr(CMD_NEW_SERVICE) + service_attrs(key, scheduler, flags, timeout),
-                      f"add virtual server {key}", tolerant=True)
+                      ("add virtual server ", key), tolerant=True)
 
     def set_service(self, key: VSKey, scheduler: str, flags: int, timeout: int) -> None:
         self.nl.queue(self.family, 0, self._hdr(CMD_SET_SERVICE) + service_attrs(key, scheduler, flags, timeout),
@@ -344,7 +364,8 @@ class IPVSClient:
     def add_dest(self, key: VSKey, addr: str, port: int, weight: int) -> None:
         self.nl.queue(self.family, NLM_F_CREATE | NLM_F_EXCL,
                       self._hdr(CMD_NEW_DEST) + _nest(CMD_ATTR_SERVICE, service_key_attrs(key))
-                      + dest_attrs(addr, port, weight), f"add real server {addr}:{port} to {key}", tolerant=True)
+                      + dest_attrs(addr, port, weight), ("add real server ", addr, ":", port, " to ", key),
+                      tolerant=True)
 
     def set_dest(self, key: VSKey, addr: str, port: int, weight: int) -> None:
         self.nl.queue(self.family, 0, self._hdr(CMD_SET_DEST) + _nest(CMD_ATTR_SERVICE, service_key_attrs(key))
@@ -383,22 +404,35 @@ class IPVSClient:
         return out
 
     def dests(self, key: VSKey) -> dict[tuple[str, int], KernelDest]:
+        """The real servers of one virtual server (one dump; a full sync does this per virtual server, so
+        the parsing reads the few attributes it needs in one pass instead of building dicts)."""
         out: dict[tuple[str, int], KernelDest] = {}
         payload = self._hdr(CMD_GET_DEST) + _nest(CMD_ATTR_SERVICE, service_key_attrs(key))
+        unpack = struct.unpack_from
         for _t, body in self.nl.request(self.family, NLM_F_DUMP, payload):
             top = parse_attrs(body, 4)
-            if CMD_ATTR_DEST not in top:
+            nest = top.get(CMD_ATTR_DEST)
+            if nest is None:
                 continue
-            a = parse_attrs(top[CMD_ATTR_DEST])
-            af = struct.unpack("=H", a[DEST_ADDR_FAMILY][:2])[0] if DEST_ADDR_FAMILY in a else key.af
-
-            def u32(t: int, a: dict[int, bytes] = a) -> int:
-                return struct.unpack("=I", a[t][:4])[0] if t in a else 0
-
-            d = KernelDest(addr=_addr_str(af, a[DEST_ADDR]), port=struct.unpack("!H", a[DEST_PORT][:2])[0],
-                           weight=u32(DEST_WEIGHT), fwd=u32(DEST_FWD) & 0x7, active=u32(DEST_ACTIVE),
-                           inactive=u32(DEST_INACT))
-            out[(d.addr, d.port)] = d
+            af, raw, port, vals = key.af, b"", 0, [0] * 10
+            off, end = 0, len(nest)
+            while off + 4 <= end:
+                n, t = unpack("=HH", nest, off)
+                if n < 4:
+                    break
+                t &= 0x3FFF
+                if t == DEST_ADDR:
+                    raw = nest[off + 4:off + n]
+                elif t == DEST_PORT:
+                    port = unpack("!H", nest, off + 4)[0]
+                elif t == DEST_ADDR_FAMILY:
+                    af = unpack("=H", nest, off + 4)[0]
+                elif t < 10 and n >= 8:
+                    vals[t] = unpack("=I", nest, off + 4)[0]
+                off += (n + 3) & ~3
+            addr = _addr_str(af, raw)
+            out[(addr, port)] = KernelDest(addr=addr, port=port, weight=vals[DEST_WEIGHT], fwd=vals[DEST_FWD] & 0x7,
+                                           active=vals[DEST_ACTIVE], inactive=vals[DEST_INACT])
         return out
 
     def get_timeouts(self) -> tuple[int, int, int]:
@@ -438,7 +472,7 @@ class AddrClient:
         return struct.pack("=BBBBI", af, plen, flags, 0, ifindex) + _nla(IFA_LOCAL, raw) + _nla(IFA_ADDRESS, raw)
 
     def add(self, addr: str, ifindex: int) -> None:
-        self.nl.queue(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, self._msg(addr, ifindex), f"add address {addr}",
+        self.nl.queue(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, self._msg(addr, ifindex), ("add address ", addr),
                       tolerant=True)
 
     def delete(self, addr: str, ifindex: int) -> None:
@@ -493,14 +527,15 @@ class AddrClient:
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_IPSET = 6
 IPSET_PROTOCOL = 7
-IPSET_CMD_ADD, IPSET_CMD_DEL = 9, 10
-IPSET_ATTR_PROTOCOL, IPSET_ATTR_SETNAME, IPSET_ATTR_DATA = 1, 2, 7
+IPSET_CMD_LIST, IPSET_CMD_ADD, IPSET_CMD_DEL = 7, 9, 10
+IPSET_ATTR_PROTOCOL, IPSET_ATTR_SETNAME, IPSET_ATTR_TYPENAME, IPSET_ATTR_DATA, IPSET_ATTR_ADT = 1, 2, 3, 7, 8
 IPSET_ATTR_IP, IPSET_ATTR_CIDR, IPSET_ATTR_PORT, IPSET_ATTR_PROTO = 1, 3, 4, 7
 IPSET_ATTR_IP2, IPSET_ATTR_CIDR2 = 20, 21
 IPSET_ATTR_IPADDR_IPV4, IPSET_ATTR_IPADDR_IPV6 = 1, 2
 NLA_F_NET_BYTEORDER = 0x4000
 NFPROTO = {socket.AF_INET: 2, socket.AF_INET6: 10}
 IP_PROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "sctp": 132}
+IP_PROTO_NAME = {v: k for k, v in IP_PROTO.items()}
 
 
 def _ipset_ip(atype: int, addr: str) -> bytes:
@@ -559,12 +594,17 @@ class IPSetClient:
     def close(self) -> None:
         self.nl.close()
 
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def _prefix(af: int, name: str) -> bytes:
+        """nfgenmsg + protocol + set name: the same bytes for every member of a set."""
+        return (struct.pack("=BBH", NFPROTO[af], 0, 0) + _nla(IPSET_ATTR_PROTOCOL, struct.pack("=B", IPSET_PROTOCOL))
+                + _nla(IPSET_ATTR_SETNAME, name.encode() + b"\0"))
+
     def _queue(self, cmd: int, name: str, stype: str, member: str) -> None:
         af, data = ipset_data(stype, member)
-        payload = (struct.pack("=BBH", NFPROTO[af], 0, 0) + _nla(IPSET_ATTR_PROTOCOL, struct.pack("=B", IPSET_PROTOCOL))
-                   + _nla(IPSET_ATTR_SETNAME, name.encode() + b"\0") + data)
-        verb = "add" if cmd == IPSET_CMD_ADD else "del"
-        self.nl.queue((NFNL_SUBSYS_IPSET << 8) | cmd, 0, payload, f"ipset {verb} {name} {member}")
+        self.nl.queue((NFNL_SUBSYS_IPSET << 8) | cmd, 0, self._prefix(af, name) + data,
+                      ("ipset ", "add" if cmd == IPSET_CMD_ADD else "del", " ", name, " ", member))
 
     def add(self, name: str, stype: str, member: str) -> None:
         self._queue(IPSET_CMD_ADD, name, stype, member)
@@ -574,3 +614,69 @@ class IPSetClient:
 
     def commit(self) -> list[NetlinkError]:
         return self.nl.commit()
+
+    def list_members(self) -> dict[str, set[str]]:
+        """Every set in this namespace → its members in ``ipset save`` syntax (one netlink dump).
+
+        The same dump ``ipset save`` does, without the process: in the test VM ``ipset save`` of 12,000
+        members took 48 s (it resolves each protocol number through the name service).
+        """
+        out: dict[str, set[str]] = {}
+        payload = struct.pack("=BBH", 0, 0, 0) + _nla(IPSET_ATTR_PROTOCOL, struct.pack("=B", IPSET_PROTOCOL))
+        for _t, body in self.nl.request((NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_LIST, NLM_F_DUMP, payload):
+            top = parse_attrs(body, 4)
+            if IPSET_ATTR_SETNAME not in top:
+                continue
+            name = top[IPSET_ATTR_SETNAME].rstrip(b"\0").decode()
+            members = out.setdefault(name, set())
+            adt = top.get(IPSET_ATTR_ADT)
+            if adt:
+                for _atype, entry in iter_attrs(adt):
+                    m = format_member(parse_attrs(entry))
+                    if m:
+                        members.add(m)
+        return out
+
+
+def iter_attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """Every attribute at one nesting level, repeated types included: (type, payload)."""
+    off, end = 0, len(data)
+    while off + 4 <= end:
+        n, t = struct.unpack_from("=HH", data, off)
+        if n < 4:
+            return
+        yield t & 0x3FFF, data[off + 4:off + n]
+        off += (n + 3) & ~3
+
+
+def _ipset_addr(nested: bytes) -> str:
+    for t, raw in iter_attrs(nested):
+        if t == IPSET_ATTR_IPADDR_IPV4:
+            return socket.inet_ntop(socket.AF_INET, raw[:4])
+        if t == IPSET_ATTR_IPADDR_IPV6:
+            return socket.inet_ntop(socket.AF_INET6, raw[:16])
+    return ""
+
+
+def format_member(a: dict[int, bytes]) -> str:
+    """One listed ipset entry in ``ipset save`` syntax (the types this data plane creates).
+
+    ``ip`` (hash:ip), ``ip,proto:port`` (hash:ip,port), ``ip,proto:port,ip`` (hash:ip,port,ip),
+    ``ip,proto:port,net/cidr`` (hash:ip,port,net; a full-length net without its prefix, as ipset prints it)
+    and ``port`` (bitmap:port).
+    """
+    port = struct.unpack("!H", a[IPSET_ATTR_PORT][:2])[0] if IPSET_ATTR_PORT in a else None
+    if IPSET_ATTR_IP not in a:
+        return "" if port is None else str(port)
+    out = _ipset_addr(a[IPSET_ATTR_IP])
+    if port is not None:
+        proto = a[IPSET_ATTR_PROTO][0] if IPSET_ATTR_PROTO in a else 0
+        out += f",{IP_PROTO_NAME.get(proto, str(proto))}:{port}"
+    if IPSET_ATTR_IP2 in a:
+        ip2 = _ipset_addr(a[IPSET_ATTR_IP2])
+        out += f",{ip2}"
+        if IPSET_ATTR_CIDR2 in a:
+            cidr = a[IPSET_ATTR_CIDR2][0]
+            if cidr != (128 if ":" in ip2 else 32):
+                out += f"/{cidr}"
+    return out

@@ -52,6 +52,7 @@ from .netlink import (
     NetlinkError,
     VSKey,
 )
+from .phases import PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -226,12 +227,22 @@ class IpvsDataPlane:
         return d.node_port_addresses(local, self.config.nodeport_addresses), vips
 
     def _sync_full(self, snapshot: ProxySnapshot) -> SyncResult:
-        assert self._ipvs is not None and self._addr is not None
+        """Re-read the kernel, rebuild the mirror from the snapshot, apply the difference.
+
+        Each kind of object is applied (and its ACKs collected) before the next, in the order traffic
+        needs them: ipset members, virtual servers, real servers, then the VIPs on kube-ipvs0 that make
+        the kernel accept packets for them; deletions last. Per-phase wall/user/system times go to
+        ``SyncResult.extra`` (``phase.*``; see :mod:`.phases`).
+        """
+        assert self._ipvs is not None and self._addr is not None and self._ipset is not None
+        ph = PhaseTimer()
         t0 = time.perf_counter()
         self._ensure_dummy()
         # the fixed rules are rewritten at most once a minute (iptables execs are the slow part of a sync)
         n_rules = self._apply_rules() if time.monotonic() - self._rules_at > RULES_RECHECK else 0
+        ph.mark("iptables_restore")
         node_ips, kernel_vips = self._read_node_ips()
+        ph.mark("read_addresses")
         old_graveyard = self._graveyard
         self._reset_mirror()
         self._graveyard = old_graveyard
@@ -240,6 +251,10 @@ class IpvsDataPlane:
             st = self._compute(snapshot, spn)
             if st is not None:
                 self._add_port(spn, st)
+        want_members: dict[str, set[str]] = {}
+        for (name, member), _n in self._member_refs.items():
+            want_members.setdefault(name, set()).add(ipsets.normalize(member))
+        ph.mark("desired_state")
         t_render = time.perf_counter()
         # read the kernel: virtual servers we own (and their real servers), ipset members
         owned_addrs = kernel_vips | set(node_ips)
@@ -247,41 +262,49 @@ class IpvsDataPlane:
             if (ks.key in self._owner or ks.key.addr in owned_addrs) and not self._is_excluded(ks.key.addr):
                 ks.dests = self._ipvs.dests(ks.key)
                 self._kernel[ks.key] = ks
-        members = ipsets.read_members()
+        ph.mark("read_ipvs")
+        members = ipsets.read_members(self._ipset)
+        ph.mark("read_ipsets")
         t_read = time.perf_counter()
-        # apply: ipsets (adds), virtual servers, addresses, then deletions
-        want_members: dict[str, set[str]] = {}
-        for (name, member), _n in self._member_refs.items():
-            want_members.setdefault(name, set()).add(ipsets.normalize(member))
         missing_sets = {n for n, _ in d.all_set_names()} - set(members)
         if missing_sets:
             fam = dict(d.all_set_names())
             ipsets.run_restore([ipsets.create_line(n, fam[n]) for n in sorted(missing_sets)])
         n_members = 0
-        for name, want in want_members.items():
-            for m in sorted(want - members.get(name, set())):
-                self._ipset_op(True, name, m)
+        add_member = self._ipset.add
+        for name, want in want_members.items():  # already normalized
+            stype = self._set_type[name]
+            for m in want - members.get(name, set()):
+                add_member(name, stype, m)
                 n_members += 1
-        n_vs = 0
-        for key in set(self._kernel) | set(self._owner):
-            n_vs += self._diff_vs(key)
+        self._commit_one(self._ipset)
+        ph.mark("ipset_adds")
+        keys = set(self._kernel) | set(self._owner)
+        n_vs = sum(self._diff_service(key) for key in keys)
+        self._commit_one(self._ipvs)
+        ph.mark("ipvs_services")
+        n_vs += sum(self._diff_dests(key) for key in keys if key in self._kernel)
+        self._commit_one(self._ipvs)
+        ph.mark("ipvs_dests")
         for vip in set(self._vip_refs) - kernel_vips:
             self._addr.add(vip, self._ifindex)
-        self._commit()
+        self._commit_one(self._addr)
+        ph.mark("address_adds")
         for vip in kernel_vips - set(self._vip_refs):
             self._addr.delete(vip, self._ifindex)
         for name, have in members.items():
-            for m in sorted(have - want_members.get(name, set())):
+            for m in have - want_members.get(name, set()):
                 self._ipset_op(False, name, m)
                 n_members += 1
         self._commit()
+        ph.mark("deletes")
         t_apply = time.perf_counter()
         self._synced = True
         return SyncResult(full=True, services=len(self._ports), rules=n_vs + n_members + n_rules,
                           render_seconds=t_render - t0, apply_seconds=t_apply - t_render,
                           extra={"kernel_read_seconds": t_read - t_render, "ipset_members": float(n_members),
                                  "virtual_servers": float(len(self._kernel)),
-                                 "iptables_rules": float(n_rules)})
+                                 "iptables_rules": float(n_rules), **ph.as_extra()})
 
     def _sync_partial(self, snapshot: ProxySnapshot, changes: Changes) -> SyncResult:
         assert self._ipvs is not None and self._addr is not None
@@ -383,11 +406,14 @@ class IpvsDataPlane:
 
     def _diff_vs(self, key: VSKey) -> int:
         """Queue the requests that make one virtual server match the desired state; returns their count."""
+        return self._diff_service(key) + (self._diff_dests(key) if key in self._kernel else 0)
+
+    def _diff_service(self, key: VSKey) -> int:
+        """Queue the add/update/delete of the virtual server itself (not its real servers)."""
         assert self._ipvs is not None
         ipvs = self._ipvs
         want = self._want(key)
         have = self._kernel.get(key)
-        n = 0
         if want is None:
             if have is not None:
                 ipvs.del_service(key)
@@ -398,16 +424,26 @@ class IpvsDataPlane:
             return 0
         if have is None:
             ipvs.add_service(key, want.scheduler, want.flags, want.timeout)
-            have = self._kernel[key] = KernelService(key, want.scheduler, want.flags, want.timeout, {})
-            n += 1
-        elif (have.scheduler, have.flags, have.timeout) != (want.scheduler, want.flags, want.timeout):
+            self._kernel[key] = KernelService(key, want.scheduler, want.flags, want.timeout, {})
+            return 1
+        if (have.scheduler, have.flags, have.timeout) != (want.scheduler, want.flags, want.timeout):
             ipvs.set_service(key, want.scheduler, want.flags, want.timeout)
             have.scheduler, have.flags, have.timeout = want.scheduler, want.flags, want.timeout
-            n += 1
+            return 1
+        return 0
+
+    def _diff_dests(self, key: VSKey) -> int:
+        """Queue the real-server changes of a virtual server that exists (in the mirror); returns their count."""
+        assert self._ipvs is not None
+        ipvs = self._ipvs
+        want = self._want(key)
+        have = self._kernel[key]
+        wanted = want.dests if want is not None else {}
+        n = 0
         dests = have.dests if have.dests is not None else {}
         have.dests = dests
         now = time.monotonic()
-        for (ip, port), weight in want.dests.items():
+        for (ip, port), weight in wanted.items():
             cur = dests.get((ip, port))
             if cur is None:
                 ipvs.add_dest(key, ip, port, weight)
@@ -418,7 +454,7 @@ class IpvsDataPlane:
                 cur.weight, cur.fwd = weight, FWD_MASQ
                 n += 1
             self._graveyard.pop((key, (ip, port)), None)
-        for dk in [dk for dk in dests if dk not in want.dests]:
+        for dk in [dk for dk in dests if dk not in wanted]:
             cur = dests[dk]
             if key.protocol not in GRACEFUL_PROTOCOLS or self.grace_period <= 0:
                 ipvs.del_dest(key, *dk)
@@ -433,14 +469,15 @@ class IpvsDataPlane:
             self._graveyard.setdefault((key, dk), now + self.grace_period)
         return n
 
+    def _commit_one(self, client: IPVSClient | AddrClient | IPSetClient) -> None:
+        """Send one client's queued requests and wait for their ACKs; raise on any failure."""
+        _raise_errors(client.commit())
+
     def _commit(self) -> None:
         assert self._ipvs is not None and self._addr is not None
         assert self._ipset is not None
         # ipset members first: the rules that match them must be in place before traffic reaches a new VIP
-        errors: list[NetlinkError] = self._ipset.commit() + self._ipvs.commit() + self._addr.commit()
-        if errors:
-            more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-            raise SyncError("; ".join(str(e) for e in errors[:3]) + more)
+        _raise_errors(self._ipset.commit() + self._ipvs.commit() + self._addr.commit())
 
     # ---- graceful termination ------------------------------------------------------------------------
     def reap(self) -> int:
@@ -600,6 +637,12 @@ class IpvsDataPlane:
             return out
         finally:
             client.close()
+
+
+def _raise_errors(errors: list[NetlinkError]) -> None:
+    if errors:
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise SyncError("; ".join(str(e) for e in errors[:3]) + more)
 
 
 def _ifindex(name: str) -> int:
