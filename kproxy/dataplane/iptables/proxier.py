@@ -80,6 +80,11 @@ class IptablesDataPlane(DataPlane):
                 script.declare[table].append(f":{chain} - [0:0]")
         if script:
             b.restore(script.text())
+        # what the kernel holds now: the first full sync finds stale chains without another iptables-save
+        # (only kproxy writes KPROXY-* chains; a failed sync forgets this and reads the kernel again)
+        self._kernel_chains[b.family] = {
+            table: {c for c in existing[table] if c.startswith(r.PREFIX)} | {c for t, c in wanted if t == table}
+            for table in (r.NAT, r.FILTER)}
         by_builtin: dict[tuple[str, str], list[list[str]]] = {}
         for table, builtin, spec in r.HOOKS:
             by_builtin.setdefault((table, builtin), []).append(spec)
