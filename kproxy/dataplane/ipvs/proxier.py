@@ -25,6 +25,7 @@ Ownership
 from __future__ import annotations
 
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -33,7 +34,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from ...config import ProxyConfig
 from ...snapshot import Changes, ProxySnapshot, ServicePortName
@@ -189,7 +190,8 @@ class IpvsDataPlane:
         with self._lock:
             try:
                 if full or not self._synced or changes.node_changed:
-                    return self._sync_full(snapshot)
+                    with _gc_paused():
+                        return self._sync_full(snapshot)
                 return self._sync_partial(snapshot, changes)
             except (OSError, SyncError) as e:
                 self._synced = False  # the mirror may be wrong now: re-read everything next time
@@ -280,7 +282,10 @@ class IpvsDataPlane:
         self._commit_one(self._ipset)
         ph.mark("ipset_adds")
         keys = set(self._kernel) | set(self._owner)
-        n_vs = sum(self._diff_service(key) for key in keys)
+        gone: set[VSKey] = set()
+        n_vs = sum(self._diff_service(key, gone) for key in keys)
+        if gone and self._graveyard:  # one pass, not one per deleted virtual server
+            self._graveyard = {g: t for g, t in self._graveyard.items() if g[0] not in gone}
         self._commit_one(self._ipvs)
         ph.mark("ipvs_services")
         n_vs += sum(self._diff_dests(key) for key in keys if key in self._kernel)
@@ -408,8 +413,12 @@ class IpvsDataPlane:
         """Queue the requests that make one virtual server match the desired state; returns their count."""
         return self._diff_service(key) + (self._diff_dests(key) if key in self._kernel else 0)
 
-    def _diff_service(self, key: VSKey) -> int:
-        """Queue the add/update/delete of the virtual server itself (not its real servers)."""
+    def _diff_service(self, key: VSKey, gone: set[VSKey] | None = None) -> int:
+        """Queue the add/update/delete of the virtual server itself (not its real servers).
+
+        A deleted virtual server's draining real servers leave the graveyard here, or, when ``gone`` is
+        given, the key is added to it for the caller to drop them in one pass.
+        """
         assert self._ipvs is not None
         ipvs = self._ipvs
         want = self._want(key)
@@ -418,8 +427,11 @@ class IpvsDataPlane:
             if have is not None:
                 ipvs.del_service(key)
                 del self._kernel[key]
-                for gk in [g for g in self._graveyard if g[0] == key]:
-                    del self._graveyard[gk]
+                if gone is not None:
+                    gone.add(key)
+                else:
+                    for gk in [g for g in self._graveyard if g[0] == key]:
+                        del self._graveyard[gk]
                 return 1
             return 0
         if have is None:
@@ -637,6 +649,25 @@ class IpvsDataPlane:
             return out
         finally:
             client.close()
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection during a full sync.
+
+    A full sync allocates the whole mirror (a few objects per virtual server, real server and ipset
+    member), and all of it survives; CPython's collector still runs full collections over the whole heap
+    (store, snapshot, mirror) while it grows, which made building the desired state grow ~x11 for x5 the
+    Services (natively 0.02 s at 1,000, 0.24 s at 5,000; 0.12 s at 5,000 without collections). Garbage
+    made meanwhile is collected after the sync.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _raise_errors(errors: list[NetlinkError]) -> None:
