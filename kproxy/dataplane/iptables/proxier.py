@@ -176,6 +176,8 @@ class IptablesDataPlane(DataPlane):
                             ahead.append(chunk)
                             if running[1].done():
                                 break
+                        else:
+                            _collect_while(running[1])
                         prev, running = running, None
                         self._finish(*prev, result)
                     for chunk in itertools.chain(ahead, chunks):
@@ -188,6 +190,7 @@ class IptablesDataPlane(DataPlane):
                 stream.close()
                 running = (fam, stream, out)
             if running is not None:
+                _collect_while(running[1])
                 prev, running = running, None
                 self._finish(*prev, result)
         except BaseException:
@@ -290,6 +293,13 @@ def _declared_after(script: r.RestoreScript, before: dict[str, set[str]] | None)
         chains -= {line[3:] for line in script.remove[table]}
         out[table] = chains
     return out
+
+
+def _collect_while(stream: RestoreStream) -> None:
+    """Collect the young objects (the collector is paused during the sync) while ``stream``'s restore
+    still runs, rather than on the first allocation after the sync (~8 ms at 1k Services)."""
+    if not stream.done():
+        gc.collect(0)
 
 
 def _returning(value: dict[str, set[str]]) -> Callable[[], dict[str, set[str]]]:
