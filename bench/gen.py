@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+NODEPORT_RANGE = 2768  # 30000-32767, the API server's default --service-node-port-range
+
 
 def service(i: int, nodeport: bool = False) -> dict[str, Any]:
+    """Service ``svc-i``. Callers make every 10th one a NodePort: ``i // 10`` gives each its own port
+    (unique up to 27,680 Services; beyond that the default range is exhausted and ports repeat)."""
     ip = f"10.96.{i // 250}.{i % 250 + 1}" if i < 250 * 250 else f"10.97.{(i - 62500) // 250}.{i % 250 + 1}"
     spec: dict[str, Any] = {
         "clusterIP": ip, "clusterIPs": [ip],
@@ -13,7 +17,7 @@ def service(i: int, nodeport: bool = False) -> dict[str, Any]:
     }
     if nodeport:
         spec["type"] = "NodePort"
-        spec["ports"][0]["nodePort"] = 30000 + i % 2700
+        spec["ports"][0]["nodePort"] = 30000 + (i // 10) % NODEPORT_RANGE
     return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"svc-{i}", "namespace": "bench"},
             "spec": spec}
 
