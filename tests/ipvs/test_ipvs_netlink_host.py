@@ -114,3 +114,30 @@ def test_batch_reports_each_failed_request(netns: str) -> None:
     assert out["on_lo"] == 2000
     assert out["set"] == ["ipset add NO-SUCH-SET 10.96.0.2: No such file or directory"]
     assert out["members"] == ["10.96.0.1", "10.96.0.3"]
+
+
+def test_ipv6_forwarding_off_is_reported_once(netns: str) -> None:
+    """The VM suite showed IPv6 NodePort traffic timing out with IPv6 forwarding off; kproxy warns about it
+    (once, and only on nodes with an IPv6 NodePort address) instead of changing the setting."""
+    out = run_in(netns, """
+        import json, logging
+        from kproxy.config import ProxyConfig
+        from kproxy.dataplane.ipvs.proxier import IpvsDataPlane
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("kproxy.dataplane.ipvs.proxier").addHandler(handler)
+        def warnings(value, *node_ips_per_sync):
+            with open("/proc/sys/net/ipv6/conf/all/forwarding", "w") as f:
+                f.write(value)
+            records.clear()
+            dp = IpvsDataPlane(ProxyConfig())
+            for node_ips in node_ips_per_sync:
+                dp._check_ipv6_forwarding(node_ips)
+            return [r.getMessage() for r in records]
+        print(json.dumps({"off": warnings("0", ["10.0.0.1"], ["10.0.0.1", "2001:db8::1"], ["2001:db8::1"]),
+                          "off_v4_only": warnings("0", ["10.0.0.1"]),
+                          "on": warnings("1", ["2001:db8::1"])}))
+    """)
+    assert len(out["off"]) == 1 and "net.ipv6.conf.all.forwarding is 0" in out["off"][0], out
+    assert out["off_v4_only"] == [] and out["on"] == [], out

@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 MODULES = "ip_vs ip_vs_rr ip_vs_wrr ip_vs_lc ip_vs_sh ip_vs_mh nf_conntrack br_netfilter veth bridge dummy"
 
 SCENARIOS = ["test_clusterip_tcp_and_udp", "test_iptables_rules_are_fixed", "test_nodeport_and_external_ip",
-             "test_schedulers_per_service", "test_session_affinity", "test_local_traffic_policies",
-             "test_graceful_termination", "test_udp_endpoint_removed_immediately", "test_timeouts_and_strict_arp",
-             "test_status_reads_kernel", "test_restart_keeps_traffic_flowing", "test_cleanup_removes_everything"]
+             "test_ipv6_dual_stack", "test_schedulers_per_service", "test_session_affinity",
+             "test_local_traffic_policies", "test_graceful_termination", "test_udp_endpoint_removed_immediately",
+             "test_timeouts_and_strict_arp", "test_status_reads_kernel", "test_restart_keeps_traffic_flowing",
+             "test_cleanup_removes_everything"]
 
 
 @pytest.fixture(scope="module")

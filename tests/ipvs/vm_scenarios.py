@@ -1,9 +1,11 @@
 """IPVS scenarios with real packets; run INSIDE the test VM (see test_ipvs_vm.py), in this order.
 
-One topology (node netns with a bridge, 3 pods with HTTP/UDP/TCP-echo servers, a client pod and an
-external host) and one kproxy daemon in ``--proxy-mode ipvs`` reading a manifests directory. Each test
-writes manifests, waits until the kernel's IPVS table (``ipvsadm -Ln`` in the node namespace) shows the
-expected state, then sends traffic from the client or the external host.
+One dual-stack topology (node netns with a bridge, 3 pods with HTTP/UDP/TCP-echo servers, a client pod and
+an external host; IPv4 and IPv6 addresses everywhere) and one kproxy daemon in ``--proxy-mode ipvs`` reading
+a manifests directory. Each test writes manifests, waits until the kernel's IPVS table (``ipvsadm -Ln`` in
+the node namespace) shows the expected state, then sends traffic from the client or the external host.
+IPv6 (``test_ipv6_dual_stack``) uses the same VM boot; its Service stays defined so the restart, status
+and cleanup scenarios cover the IPv6 state too.
 
 Not collected on the host (the file name does not start with ``test_``); the outer test runs
 ``pytest tests/ipvs/vm_scenarios.py`` in the VM.
@@ -32,17 +34,26 @@ NODE = "node-a"
 GRACE = 45  # KPROXY_IPVS_GRACE_PERIOD for the daemon: a drained real server goes at the latest after this
 EXT_VIP = "198.51.100.10"
 NODEPORT = 30080
+# the dual-stack Service of test_ipv6_dual_stack (kept until the end: restart, status and cleanup cover it)
+DS_VIP, DS_VIP6 = "10.96.0.60", "fd00:10:96::60"
+EXT_VIP6 = "2001:db8:ff::10"
+NODEPORT6 = 30082
 
 
 # ---- manifests ------------------------------------------------------------------------------------------
 
-def service(name: str, ip: str, ports: list[dict[str, Any]], annotations: dict[str, str] | None = None,
+def service(name: str, ip: str | list[str], ports: list[dict[str, Any]], annotations: dict[str, str] | None = None,
             **spec: Any) -> dict[str, Any]:
+    """A Service; ``ip`` is one cluster IP or one per family (dual-stack, primary family first)."""
     meta: dict[str, Any] = {"name": name, "namespace": "default"}
     if annotations:
         meta["annotations"] = annotations
+    ips = [ip] if isinstance(ip, str) else ip
+    families = ["IPv6" if ":" in x else "IPv4" for x in ips]
+    policy = "RequireDualStack" if len(ips) > 1 else "SingleStack"
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta,
-            "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": ports, **spec}}
+            "spec": {"clusterIP": ips[0], "clusterIPs": ips, "ipFamilies": families, "ipFamilyPolicy": policy,
+                     "ports": ports, **spec}}
 
 
 def endpoint(ip: str, node: str = NODE, ready: bool = True, serving: bool | None = None,
@@ -53,10 +64,12 @@ def endpoint(ip: str, node: str = NODE, ready: bool = True, serving: bool | None
     return {"addresses": [ip], "conditions": cond, "nodeName": node}
 
 
-def slice_(svc: str, eps: list[dict[str, Any]], ports: list[dict[str, Any]]) -> dict[str, Any]:
+def slice_(svc: str, eps: list[dict[str, Any]], ports: list[dict[str, Any]], family: int = 4) -> dict[str, Any]:
+    """An EndpointSlice of one address family (a dual-stack Service has one per family, as from the API)."""
     return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": f"{svc}-1", "namespace": "default", "labels": {"kubernetes.io/service-name": svc}},
-            "addressType": "IPv4", "ports": ports, "endpoints": eps}
+            "metadata": {"name": f"{svc}-1" if family == 4 else f"{svc}-v6", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4" if family == 4 else "IPv6", "ports": ports, "endpoints": eps}
 
 
 HTTP = {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}
@@ -159,9 +172,10 @@ def dests(table: dict[str, dict[str, Any]], vs: str) -> dict[str, tuple[str, int
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    with topo.Topology(pods=3, ipv6=False) as t:
+    with topo.Topology(pods=3, ipv6=True) as t:
         # the external host reaches externalIPs through the node, like a router outside the cluster
         topo.run(["ip", "-n", t.ext, "route", "add", EXT_VIP, "via", topo.NODE_EXT_IP])
+        topo.run(["ip", "-n", t.ext, "-6", "route", "add", EXT_VIP6, "via", topo.NODE_EXT_IP6])
         e = Env(t)
         e.start("--ipvs-tcp-timeout", "7260s", "--ipvs-tcpfin-timeout", "5s", "--ipvs-udp-timeout", "30s",
                 "--ipvs-strict-arp", "true")
@@ -240,6 +254,78 @@ def test_nodeport_and_external_ip(env: Env) -> None:
     # the in-cluster client reaches the NodePort on the node's pod-network address too
     c = env.probe(env.t.client, "http", topo.GATEWAY, NODEPORT, "-n", 3)
     assert c["errors"] == 0, c
+
+
+def ip6tables_ours(env: Env) -> str:
+    """``ip6tables-save`` of the one back end (legacy or nft) holding kproxy's IPv6 chains."""
+    saved = {tool: env.node(tool, check=False) for tool in ("ip6tables-legacy-save", "ip6tables-nft-save")}
+    ours = [text for text in saved.values() if ":KPROXY-IPVS-SERVICES" in text]
+    assert len(ours) == 1, f"expected kproxy's IPv6 chains in exactly one back end: {list(saved)}"
+    return ours[0]
+
+
+def test_ipv6_dual_stack(env: Env) -> None:
+    p = env.pods
+    env.put("ds", service("ds", [DS_VIP, DS_VIP6], [{**HTTP, "nodePort": NODEPORT6}, {**DNS, "nodePort": NODEPORT6},
+                                                    ECHO], type="NodePort", externalIPs=[EXT_VIP6]),
+            slice_("ds", [endpoint(x.ip) for x in p], [EP_HTTP, EP_DNS, EP_ECHO]),
+            slice_("ds", [endpoint(x.ip6) for x in p], [EP_HTTP, EP_DNS, EP_ECHO], family=6))
+    tcp6, udp6 = f"TCP [{DS_VIP6}]:80", f"UDP [{DS_VIP6}]:53"
+    np_tcp6, np_udp6 = f"TCP [{topo.NODE_EXT_IP6}]:{NODEPORT6}", f"UDP [{topo.NODE_EXT_IP6}]:{NODEPORT6}"
+    wanted = (tcp6, udp6, np_tcp6, np_udp6, f"TCP [{EXT_VIP6}]:80", f"TCP [{DS_VIP6}]:9000", f"TCP {DS_VIP}:80")
+    table = wait_for(env, "IPv6 virtual servers", lambda t: all(len(dests(t, vs)) == 3 for vs in wanted))
+    # IPv6 virtual servers with the IPv6 pod addresses as masquerading real servers; IPv4 ones stay IPv4
+    assert table[tcp6]["sched"] == "rr", table[tcp6]
+    assert dests(table, tcp6) == {f"[{x.ip6}]:8080": ("Masq", 1, 0, 0) for x in p}
+    assert dests(table, udp6) == {f"[{x.ip6}]:5300": ("Masq", 1, 0, 0) for x in p}
+    assert dests(table, np_tcp6) == {f"[{x.ip6}]:8080": ("Masq", 1, 0, 0) for x in p}
+    assert dests(table, f"TCP {DS_VIP}:80") == {f"{x.ip}:8080": ("Masq", 1, 0, 0) for x in p}
+    assert dests(table, f"TCP {topo.NODE_EXT_IP}:{NODEPORT6}") == {f"{x.ip}:8080": ("Masq", 1, 0, 0) for x in p}
+    # a NodePort on every global node address of the family; never on link-local or loopback addresses
+    assert f"TCP [{topo.GATEWAY6}]:{NODEPORT6}" in table, table
+    assert not [k for k in table if "[fe80:" in k or "[::1]" in k], table
+    # the VIPs are IPv6 addresses on kube-ipvs0
+    addrs = env.node("ip", "-6", "-o", "addr", "show", "dev", "kube-ipvs0")
+    assert f"{DS_VIP6}/128" in addrs and f"{EXT_VIP6}/128" in addrs, addrs
+    # the IPv6 ipsets: family inet6, holding the IPv6 members (and the IPv4 sets none of them)
+    for name, member in (("KUBE-6-CLUSTER-IP", f"{DS_VIP6},tcp:80"), ("KUBE-6-CLUSTER-IP", f"{DS_VIP6},udp:53"),
+                         ("KUBE-6-IPVS-IPS", DS_VIP6), ("KUBE-6-EXTERNAL-IP", f"{EXT_VIP6},tcp:80"),
+                         ("KUBE-6-LOOP-BACK", f"{p[0].ip6},tcp:8080,{p[0].ip6}")):
+        listed = env.node("ipset", "list", name)
+        assert "family inet6" in listed and member in listed, listed
+    assert DS_VIP6 not in env.node("ipset", "list", "KUBE-CLUSTER-IP")
+    assert str(NODEPORT6) in env.node("ipset", "list", "KUBE-NODE-PORT-UDP")  # bitmap:port, both families
+    # the fixed ip6tables rules match the IPv6 sets and exempt the IPv6 cluster CIDR
+    rules6 = ip6tables_ours(env)
+    assert "-A KPROXY-IPVS-SERVICES -m set --match-set KUBE-6-CLUSTER-IP dst,dst -j KPROXY-IPVS-CLUSTER-IP" \
+        in rules6, rules6
+    assert f"-A KPROXY-IPVS-CLUSTER-IP -s {topo.POD_CIDR6} -j RETURN" in rules6, rules6
+    assert any(line.startswith("-A PREROUTING") and line.endswith("-j KPROXY-IPVS-SERVICES")
+               for line in rules6.splitlines()), rules6
+    assert "KUBE-CLUSTER-IP " not in rules6 and topo.POD_CIDR not in rules6, rules6
+    # traffic: pod → IPv6 ClusterIP (TCP strictly rotated, UDP spread), source kept inside the cluster CIDR
+    r = env.probe(env.t.client, "http", DS_VIP6, 80, "-n", 30)
+    assert r["errors"] == 0 and r["counts"] == {"pod0": 10, "pod1": 10, "pod2": 10}, r
+    assert set(r["peers"]) == {topo.CLIENT_IP6}, r
+    u = env.probe(env.t.client, "udp", DS_VIP6, 53, "-n", 9)
+    assert u["errors"] == 0 and sorted(u["counts"]) == ["pod0", "pod1", "pod2"], u
+    assert env.probe(env.t.client, "tcp-check", DS_VIP6, 81)["error"] == "refused"  # ip6tables REJECT
+    # hairpin over IPv6: pod0 reaching itself through the VIP (KUBE-6-LOOP-BACK masquerade)
+    h = env.probe(env.t.pod["pod0"].ns, "http", DS_VIP6, 80, "-n", 6)
+    assert h["errors"] == 0 and h["counts"] == {"pod0": 2, "pod1": 2, "pod2": 2}, h
+    # the external host → IPv6 NodePort (TCP and UDP) and IPv6 externalIP: masqueraded to the node
+    x = env.probe(env.t.ext, "http", topo.NODE_EXT_IP6, NODEPORT6, "-n", 9)
+    assert x["errors"] == 0 and x["counts"] == {"pod0": 3, "pod1": 3, "pod2": 3}, x
+    assert set(x["peers"]) == {topo.GATEWAY6}, x
+    xu = env.probe(env.t.ext, "udp", topo.NODE_EXT_IP6, NODEPORT6, "-n", 6)
+    assert xu["errors"] == 0 and len(xu["counts"]) >= 2, xu
+    xe = env.probe(env.t.ext, "http", EXT_VIP6, 80, "-n", 6)
+    assert xe["errors"] == 0 and sorted(xe["counts"]) == ["pod0", "pod1", "pod2"], xe
+    # the node itself reaches the IPv6 ClusterIP; the Service's IPv4 ClusterIP works alongside
+    n = env.probe(env.t.node, "http", DS_VIP6, 80, "-n", 3)
+    assert n["errors"] == 0, n
+    v4 = env.probe(env.t.client, "http", DS_VIP, 80, "-n", 3)
+    assert v4["errors"] == 0 and set(v4["peers"]) == {topo.CLIENT_IP}, v4
 
 
 def test_schedulers_per_service(env: Env) -> None:
@@ -400,13 +486,20 @@ def test_status_reads_kernel(env: Env) -> None:
     assert by_name[f"{topo.NODE_EXT_IP}:{NODEPORT}/TCP"]["frontends"][0]["kind"] == "NodePort"
     assert by_name[f"{EXT_VIP}:80/TCP"]["frontends"][0]["kind"] == "ExternalIP"
     assert by_name["10.96.0.30:80/TCP"]["affinity_seconds"] == 60
+    ds6 = by_name[f"[{DS_VIP6}]:80/TCP"]
+    assert ds6["family"] == 6 and ds6["frontends"][0]["kind"] == "ClusterIP", ds6
+    assert {b["address"] for b in ds6["backends"]} == {f"[{x.ip6}]:8080" for x in env.pods}, ds6
+    assert by_name[f"[{topo.NODE_EXT_IP6}]:{NODEPORT6}/UDP"]["frontends"][0]["kind"] == "NodePort"
+    assert by_name[f"[{EXT_VIP6}]:80/TCP"]["frontends"][0]["kind"] == "ExternalIP"
 
 
 def test_restart_keeps_traffic_flowing(env: Env) -> None:
     before = env.ipvsadm()
     conn = LongConnection(env, "10.96.0.50", 9000)
+    conn6 = LongConnection(env, DS_VIP6, 9000)
     try:
         first = conn.ask("a").split()[0]
+        first6 = conn6.ask("a6").split()[0]
         rc = env.stop()
         assert rc == 0, env.log()
         # no daemon: the kernel keeps serving
@@ -416,21 +509,31 @@ def test_restart_keeps_traffic_flowing(env: Env) -> None:
         after = env.ipvsadm()
         # the same virtual servers and live real servers (draining ones may have been reaped meanwhile)
         assert serving(after) == serving(before), f"before:\n{before}\nafter:\n{after}"
-        assert conn.ask("b") == f"{first} b"  # the established connection survived the restart
+        # the established connections (IPv4 and IPv6) survived the restart: the adopting full sync left
+        # their real servers alone
+        assert conn.ask("b") == f"{first} b"
+        assert conn6.ask("b6") == f"{first6} b6"
         r = env.probe(env.t.client, "http", "10.96.0.10", 80, "-n", 4)
         assert r["errors"] == 0, r
+        r6 = env.probe(env.t.client, "http", DS_VIP6, 80, "-n", 3)
+        assert r6["errors"] == 0, r6
     finally:
         conn.close()
+        conn6.close()
 
 
 def test_cleanup_removes_everything(env: Env) -> None:
+    # IPv6 state is there to be removed (the dual-stack Service is still defined)
+    assert any(k.startswith("TCP [") for k in parse_ipvsadm(env.ipvsadm()))
+    assert "KPROXY-IPVS-" in ip6tables_ours(env)
+    assert "KUBE-6-CLUSTER-IP" in env.node("ipset", "list", "-n")
     env.stop()
     out = env.t.exec(env.t.node, [sys.executable, "-m", "kproxy", "--cleanup"], timeout=120)
     assert out.returncode == 0, out.stderr
     table = env.ipvsadm()
     assert parse_ipvsadm(table) == {}, table
     assert "KUBE-" not in env.node("ipset", "list", "-n")
-    for tool in ("iptables-legacy-save", "iptables-nft-save"):
+    for tool in ("iptables-legacy-save", "iptables-nft-save", "ip6tables-legacy-save", "ip6tables-nft-save"):
         saved = env.node(tool, check=False)
-        assert "KPROXY-" not in saved, saved
+        assert "KPROXY-" not in saved, (tool, saved)
     assert "kube-ipvs0" not in env.node("ip", "-o", "link")

@@ -70,6 +70,8 @@ SYSCTLS = {
     "net/ipv4/ip_forward": "1",
 }
 STRICT_ARP = {"net/ipv4/conf/all/arp_ignore": "1", "net/ipv4/conf/all/arp_announce": "2"}
+# Not set, only checked (see _check_ipv6_forwarding): enabling it makes the node ignore router advertisements.
+IPV6_FORWARDING = "net/ipv6/conf/all/forwarding"
 GRACEFUL_PROTOCOLS = ("TCP",)
 
 
@@ -112,6 +114,7 @@ class IpvsDataPlane:
         self._lock = threading.RLock()
         self._reaper: threading.Thread | None = None
         self._stop = threading.Event()
+        self._ipv6_forwarding_checked = False
         self._reset_mirror()
 
     def _reset_mirror(self) -> None:
@@ -228,6 +231,28 @@ class IpvsDataPlane:
                 local.append(addr)
         return d.node_port_addresses(local, self.config.nodeport_addresses), vips
 
+    def _check_ipv6_forwarding(self, node_ips: list[str]) -> None:
+        """Warn once when the node has IPv6 NodePort addresses but does not forward IPv6.
+
+        Replies from pods to IPv6 clients outside the node (NodePort, externalIPs, LoadBalancer IPs) are
+        routed through the node: with IPv6 forwarding off they are dropped and those connections time out,
+        while pod-to-ClusterIP traffic keeps working (seen in the VM suite). kproxy sets IPv4 forwarding
+        like kube-proxy, but not IPv6 forwarding: that also makes the kernel ignore router advertisements
+        (``accept_ra=1``) on every interface, which can take away a node's IPv6 default route.
+        """
+        if self._ipv6_forwarding_checked or not any(":" in ip for ip in node_ips):
+            return
+        self._ipv6_forwarding_checked = True
+        try:
+            with open(f"/proc/sys/{IPV6_FORWARDING}") as f:
+                value = f.read().strip()
+        except OSError:
+            return
+        if value == "0":
+            log.warning("%s is 0: IPv6 NodePort, externalIP and LoadBalancer traffic from outside the node "
+                        "will time out; set it to 1 (with accept_ra=2 on interfaces that need router "
+                        "advertisements)", IPV6_FORWARDING.replace("/", "."))
+
     def _sync_full(self, snapshot: ProxySnapshot) -> SyncResult:
         """Re-read the kernel, rebuild the mirror from the snapshot, apply the difference.
 
@@ -244,6 +269,7 @@ class IpvsDataPlane:
         n_rules = self._apply_rules() if time.monotonic() - self._rules_at > RULES_RECHECK else 0
         ph.mark("iptables_restore")
         node_ips, kernel_vips = self._read_node_ips()
+        self._check_ipv6_forwarding(node_ips)
         ph.mark("read_addresses")
         old_graveyard = self._graveyard
         self._reset_mirror()
