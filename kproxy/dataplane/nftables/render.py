@@ -222,7 +222,8 @@ def set_declarations(fam: int) -> list[str]:
 
 # (chain, hook declaration or "") — regular chains first
 BASE_CHAINS = (
-    ("services", ""), ("nodeports", ""), ("endpoints-check", ""), ("firewall-check", ""),
+    ("services", ""), ("nodeports", ""), ("services-out", ""), ("nodeports-out", ""),
+    ("endpoints-check", ""), ("endpoints-check-fwd", ""), ("firewall-check", ""),
     (REJECT_CHAIN, ""),
     ("nat-prerouting", "type nat hook prerouting priority -100 ; policy accept ;"),
     ("nat-output", "type nat hook output priority -100 ; policy accept ;"),
@@ -239,14 +240,18 @@ def static_rules(ctx: Context) -> dict[str, list[str]]:
     """Rules of the fixed chains (rewritten with ``flush chain`` on every full sync)."""
     f = ctx.f
     fe = f"{f} daddr . meta l4proto . th dport"
+    # New connections in prerouting never have a local source (the node's own ones pass the nat output
+    # hook, and their conntrack entry exists before they loop back), so the `fib saddr type local`
+    # short-circuit rules — a FIB lookup per new connection — only go into the output path.
     svc = []
     np = []
     if ctx.local_match:
         svc.append(f"{ctx.local_match} {fe} vmap @{SVC_SC}")
         np.append(f"{ctx.local_match} meta l4proto . th dport vmap @{NODEPORTS_SC}")
-    svc.append(f"fib saddr type local {fe} vmap @{SVC_SC}")
+    svc_out = [*svc, f"fib saddr type local {fe} vmap @{SVC_SC}", f"{fe} vmap @{SVC}"]
+    np_out = [*np, f"fib saddr type local meta l4proto . th dport vmap @{NODEPORTS_SC}",
+              f"meta l4proto . th dport vmap @{NODEPORTS}"]
     svc.append(f"{fe} vmap @{SVC}")
-    np.append(f"fib saddr type local meta l4proto . th dport vmap @{NODEPORTS_SC}")
     np.append(f"meta l4proto . th dport vmap @{NODEPORTS}")
 
     cidrs = [c for c in ctx.nodeport_cidrs if c != "primary" and family_of(c.split("/")[0]) == ctx.family]
@@ -256,6 +261,7 @@ def static_rules(ctx: Context) -> dict[str, list[str]]:
     elif ctx.family == 4 and not ctx.localhost_nodeports:
         np_guard = "ip daddr != 127.0.0.0/8 fib daddr type local"
     hook = ["jump services", f"{np_guard} jump nodeports"]
+    hook_out = ["jump services-out", f"{np_guard} jump nodeports-out"]
 
     mark = f"{ctx.mark:#x}"
     filter_input = ["ct state new jump endpoints-check"]
@@ -266,12 +272,16 @@ def static_rules(ctx: Context) -> dict[str, list[str]]:
     return {
         "services": svc,
         "nodeports": np,
+        "services-out": svc_out,
+        "nodeports-out": np_out,
         "endpoints-check": [f"{fe} vmap @{NO_EP}",
                             f"fib daddr type local meta l4proto . th dport vmap @{NO_EP_NP}"],
+        # forwarded packets are never addressed to the node: no NodePort check (and no FIB lookup)
+        "endpoints-check-fwd": [f"{fe} vmap @{NO_EP}"],
         "firewall-check": [f"{fe} @{FW_IPS} {fe} . {f} saddr != @{FW_ALLOW} drop"],
         REJECT_CHAIN: ["reject"],
         "nat-prerouting": hook,
-        "nat-output": hook,
+        "nat-output": hook_out,
         "nat-postrouting": [
             f"ct status dnat {f} saddr . {f} daddr @{HAIRPIN} masquerade",
             f"meta mark & {mark} == {mark} meta mark set meta mark ^ {mark} masquerade fully-random",
@@ -280,7 +290,7 @@ def static_rules(ctx: Context) -> dict[str, list[str]]:
         "filter-output": ["ct state new jump firewall-check"],
         "filter-output-post-dnat": ["ct state new jump endpoints-check"],
         "filter-input": filter_input,
-        "filter-forward": ["ct state new jump endpoints-check"],
+        "filter-forward": ["ct state new jump endpoints-check-fwd"],
     }
 
 
