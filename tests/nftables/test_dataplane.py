@@ -299,3 +299,41 @@ def test_fair_share_with_unequal_endpoint_counts_tcp_udp_ipv6() -> None:
         count = [line for line in met.splitlines()
                  if line.startswith('kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"}')]
         assert count and float(count[0].split()[-1]) >= 1, count
+
+
+def test_restart_drops_dynamic_chains_the_new_state_does_not_need(netns: str) -> None:
+    """A new process adopts the table: the first full sync reads the kernel's dynamic chains and sets
+    (listing chains/sets/maps, not the elements) and deletes those nothing needs any more — only in
+    kproxy's table, not in another table that happens to use the same names."""
+    out = run_in(netns, """
+        from kproxy.dataplane.nftables import render as r
+
+        def names():
+            return {(o["chain"]["table"], o["chain"]["name"]) for o in nft_json("chains", "ip") if "chain" in o}
+
+        dp = NftablesDataPlane(cfg)
+        dp.setup()
+        apply(*svc(0, 3), *svc(1, 7))
+        dp.sync(snap, snap.update(), True)
+        before = names()
+        dynamic = sorted(c for t, c in before if t == "kproxy" and r.is_dynamic_chain(c))
+        # another table with chains named like all of ours
+        script = "add table ip other\\n" + "".join(f"add chain ip other {c}\\n" for c in dynamic)
+        subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True)
+        # "restart": a new data plane and snapshot over the existing table, Service s1 gone meanwhile
+        apply(*svc(1, 7), kind="DELETED")
+        snap2 = ProxySnapshot(store, "node-a")
+        dp2 = NftablesDataPlane(cfg)
+        dp2.setup()
+        dp2.sync(snap2, snap2.update(), True)
+        after = names()
+        print(json.dumps({"before": sorted(c for t, c in before if t == "kproxy"),
+                          "after": sorted(c for t, c in after if t == "kproxy"), "dynamic": dynamic,
+                          "other": sorted(c for t, c in after if t == "other"),
+                          "svc": len(elems("ip", "svc"))}))
+    """)
+    gone = set(out["before"]) - set(out["after"])
+    assert gone and gone <= set(out["dynamic"]), out  # s1's 7-endpoint selection chains were deleted
+    assert set(out["after"]) < set(out["before"])
+    assert out["other"] == out["dynamic"]  # the other table's chains of the same names are untouched
+    assert out["svc"] == 1

@@ -312,15 +312,23 @@ class NftablesDataPlane(DataPlane):
                          for s in sorted(old_sets - plan.sets))
 
     def _kernel_dynamic(self, fam: int) -> tuple[set[str], set[str]]:
-        """Selection/slot chains and per-slot sets in the kernel table (one terse listing: no elements)."""
+        """Selection/slot chains and per-slot sets in the kernel table.
+
+        Three listings by object type, not ``list table``: even with ``-t`` that one makes nft fetch every
+        element into its cache (0.8 s for a 10k × 10 table, against ~5 ms each for these).
+        """
+        f = r.nft_family(fam)
         chains, sets = set(), set()
-        for obj in nft.list_json("table", r.nft_family(fam), r.TABLE, terse=True):
-            ch = obj.get("chain")
-            if ch and r.is_dynamic_chain(ch.get("name", "")):
-                chains.add(ch["name"])
-            st = obj.get("set") or obj.get("map")
-            if st and r.is_dynamic_set(st.get("name", "")):
-                sets.add(st["name"])
+        for kind in ("chains", "sets", "maps"):
+            for obj in nft.list_json(kind, f, terse=True):
+                o = obj.get("chain") or obj.get("set") or obj.get("map")
+                if not o or o.get("table") != r.TABLE:
+                    continue
+                name = o.get("name", "")
+                if "chain" in obj and r.is_dynamic_chain(name):
+                    chains.add(name)
+                elif "chain" not in obj and r.is_dynamic_set(name):
+                    sets.add(name)
         return chains, sets
 
     # ---- cleanup and status ---------------------------------------------------------------------
