@@ -93,7 +93,7 @@ class Daemon:
         with self._lock:
             # taken before the snapshot: a slice applied in between is counted at the next sync (later,
             # never earlier than it really was programmed)
-            self._triggers.extend(t for _, t in self.store.take_trigger_times())
+            self._triggers.extend(self.store.take_trigger_times())
             changes = self.snapshot.update()
             self.pending.merge(changes)
             period = getattr(self.dp, "full_resync_period", FULL_SYNC_PERIOD) or FULL_SYNC_PERIOD

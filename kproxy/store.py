@@ -78,9 +78,9 @@ class ClusterStore:
         self._consumers: dict[str, _Consumer] = {}
         self._lock = threading.RLock()
         self._listeners: list[Callable[[], None]] = []
-        # (service, when the change happened) per applied EndpointSlice version, for the network
-        # programming latency metric; taken by the proxy after it programmed the change
-        self._trigger_times: list[tuple[ServiceKey, float]] = []
+        # when the change happened, per applied EndpointSlice version, for the network programming
+        # latency metric; taken by the proxy after it programmed the change
+        self._trigger_times: list[float] = []
         self.track_trigger_times = False  # only the daemon reads them; off, nothing accumulates
         self.synced = False  # set by the source once the initial list is complete
 
@@ -113,8 +113,8 @@ class ClusterStore:
             c.dirty.update(keys)
             c.nodes_dirty |= nodes
 
-    def take_trigger_times(self) -> list[tuple[ServiceKey, float]]:
-        """(service, change time) for every EndpointSlice version applied since the last call.
+    def take_trigger_times(self) -> list[float]:
+        """The change time of every EndpointSlice version applied since the last call.
 
         The change time is the slice's ``endpoints.kubernetes.io/last-change-trigger-time`` (set by the
         EndpointSlice controller; what kube-proxy measures from) or, without one, when the store applied it.
@@ -248,7 +248,7 @@ class ClusterStore:
             self.slices_by_service.setdefault((ns, sl.service_name), set()).add(name)
             self._mark((ns, sl.service_name))
             if self.track_trigger_times:
-                self._trigger_times.append(((ns, sl.service_name), sl.trigger_time or time.time()))
+                self._trigger_times.append(sl.trigger_time or time.time())
             return 1
         log.debug("ignoring event for kind %s", ev.kind)
         return 0
