@@ -15,6 +15,7 @@ import subprocess
 import uuid
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -187,12 +188,8 @@ def _bad_rule_mid_stream(bad_family: int) -> dict[str, Any]:
             calls["injected"] = 1
         return out
 
-    r.render_service = render
-    try:
-        with pytest.raises(SyncError) as err:
-            dp.sync(snap, snap.update(), True)
-    finally:
-        r.render_service = real
+    with mock.patch.object(r, "render_service", render), pytest.raises(SyncError) as err:
+        dp.sync(snap, snap.update(), True)
     failed = _kernel()
     same = {fam: {k: v for k, v in failed.items() if k[0] == str(fam)} ==
             {k: v for k, v in before.items() if k[0] == str(fam)} for fam in (4, 6)}
@@ -235,12 +232,8 @@ def _render_error_mid_stream() -> dict[str, Any]:
             raise RuntimeError("rendering bug")
         return real(sp, e, ctx)
 
-    r.render_service = render
-    try:
-        with pytest.raises(RuntimeError, match="rendering bug"):
-            dp.sync(snap, snap.update(), True)
-    finally:
-        r.render_service = real
+    with mock.patch.object(r, "render_service", render), pytest.raises(RuntimeError, match="rendering bug"):
+        dp.sync(snap, snap.update(), True)
     unchanged = _kernel() == before
     leftovers = _children()
     dp.sync(snap, snap.update(), True)
