@@ -30,6 +30,8 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +64,18 @@ def run(argv: list[str], check: bool = True, timeout: float = 30, **kw: Any) -> 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def scratch_netns(prefix: str) -> Iterator[str]:
+    """A fresh, empty network namespace (loopback up) named ``<prefix>-<random>``; deleted on exit."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    run(["ip", "netns", "add", name])
+    try:
+        run(["ip", "-n", name, "link", "set", "lo", "up"])
+        yield name
+    finally:
+        run(["ip", "netns", "del", name], check=False)
 
 
 def unique_prefix(base: str = "kpt") -> str:

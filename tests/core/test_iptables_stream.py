@@ -12,7 +12,6 @@ import ctypes
 import multiprocessing
 import os
 import subprocess
-import uuid
 from collections.abc import Callable
 from typing import Any
 from unittest import mock
@@ -26,6 +25,7 @@ from kproxy.dataplane.iptables import render as r
 from kproxy.dataplane.iptables.proxier import IptablesDataPlane
 from kproxy.snapshot import ProxySnapshot
 from kproxy.store import ClusterStore, Event
+from kproxy.testing.topology import scratch_netns
 
 from .objs import ep, eps, svc
 
@@ -37,13 +37,8 @@ DISPATCH_CHAINS = {c for _, c in r.DISPATCH}
 
 def _in_netns(fn: Callable[..., Any], *args: Any) -> Any:
     """Run ``fn(*args)`` in a forked child that entered a fresh network namespace; return its result."""
-    ns = f"kpst-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        with multiprocessing.get_context("fork").Pool(1) as pool:
-            return pool.apply(_enter_and_call, (ns, fn, args))
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+    with scratch_netns("kpst") as ns, multiprocessing.get_context("fork").Pool(1) as pool:
+        return pool.apply(_enter_and_call, (ns, fn, args))
 
 
 def _enter_and_call(ns: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:

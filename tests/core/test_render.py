@@ -5,7 +5,6 @@ Regenerate after an intended change with ``KPROXY_REGEN_GOLDEN=1 pytest tests/co
 
 import os
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from kproxy.dataplane.iptables import render as r
 from kproxy.snapshot import ProxySnapshot
 from kproxy.store import ClusterStore, Event
+from kproxy.testing.topology import scratch_netns
 
 from .objs import ep, eps, svc
 
@@ -91,9 +91,7 @@ def test_rendering_is_deterministic() -> None:
 @pytest.mark.parametrize("backend", ["legacy", "nft"])
 def test_full_restore_text_is_accepted_by_iptables_restore(backend: str) -> None:
     """The kernel's own parser accepts what we render (--test: parse and check, commit nothing)."""
-    ns = f"kpgold-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
+    with scratch_netns("kpgold") as ns:
         snap = _snapshot()
         for fam in (4, 6):
             ctx = r.RenderContext(fam, True, r.LocalDetector())
@@ -113,5 +111,3 @@ def test_full_restore_text_is_accepted_by_iptables_restore(backend: str) -> None
             p = subprocess.run(["ip", "netns", "exec", ns, tool, "--test", "--noflush"], input=script.text(),
                                capture_output=True, text=True)
             assert p.returncode == 0, p.stderr
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -13,11 +13,12 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from kproxy.testing.topology import scratch_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
@@ -28,13 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    name = f"kpipvs-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    with scratch_netns("kpipvs") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def run_in(ns: str, program: str) -> Any:

@@ -12,14 +12,13 @@ import os
 import subprocess
 import sys
 import textwrap
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from scenarios import manifests as m
 
-from kproxy.testing.topology import Topology
+from kproxy.testing.topology import Topology, scratch_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")]
@@ -77,13 +76,8 @@ PRELUDE = textwrap.dedent("""
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    name = f"kpnft-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    with scratch_netns("kpnft") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def run_in(ns: str, program: str, env: dict[str, str] | None = None) -> dict[str, Any]:
