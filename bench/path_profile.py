@@ -163,26 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     a.max_packets, a.slice = 10**9, a.duration  # what T.Bench expects from traffic.py's arguments
     sys.path.insert(0, T.REPO)
     os.environ.setdefault("KPROXY_CACHE_DIR", T.CACHE)
-    from kproxy.testing.topology import Topology, unique_prefix
-
     meta = {"argv": list(sys.argv[1:] if argv is None else argv),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_before": T.load_avg()}
-    server = T.build_server()
     workdir = tempfile.mkdtemp(prefix="kpbench-profile-")
     try:
-        with T.mode_environment(a) as (_cgroup, flags), \
-                Topology(prefix=unique_prefix("kpp"), pods=3, ipv6=False, servers=False) as topo:
-            bench = T.Bench(topo, a, frames_dir=workdir)
-            bench.prepare(server)
-            man = os.path.join(workdir, "manifests")
-            os.mkdir(man)
-            T.manifests(man, [(p.name, p.ip) for p in bench.pods])
-            p = T.start_daemon(topo, man, a.proxy_mode, flags)
-            try:
-                bench.wait_reachable()
-                groups = run(bench, a, workdir)
-            finally:
-                topo.stop_daemon(p)
+        with T.running_bench(a, workdir, prefix="kpp") as bench:
+            groups = run(bench, a, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     meta["load_after"] = T.load_avg()

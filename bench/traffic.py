@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -777,6 +777,33 @@ def start_daemon(topo: Any, manifests_dir: str, mode: str, flags: list[str], att
     raise RuntimeError(f"kproxy exited before its first sync {attempts} times")
 
 
+@contextlib.contextmanager
+def running_bench(a: argparse.Namespace, workdir: str, daemon_extra: Iterable[str] = (),
+                  prefix: str = "kpb") -> Iterator[Bench]:
+    """The namespaces, servers and counters of a run plus a daemon in ``--proxy-mode`` answering on the VIP;
+    all torn down on exit (``workdir`` holds the frames and the manifests; the caller removes it)."""
+    from kproxy.testing.topology import Topology, unique_prefix
+
+    server = build_server()
+    with mode_environment(a) as (cgroup, mode_flags), \
+            Topology(prefix=unique_prefix(prefix), pods=3, ipv6=False, servers=False) as topo:
+        bench = Bench(topo, a, cgroup=cgroup, frames_dir=workdir)
+        bench.prepare(server)
+        man = os.path.join(workdir, "manifests")
+        os.mkdir(man)
+        manifests(man, [(p.name, p.ip) for p in bench.pods])
+        flags = [*mode_flags, *daemon_extra]
+        p = start_daemon(topo, man, a.proxy_mode, flags)
+        try:
+            bench.wait_reachable()
+            yield bench
+        finally:
+            topo.stop_daemon(p)
+            if a.proxy_mode == "ebpf":  # cgroup attachments and pinned maps outlive the namespaces
+                topo.exec(topo.node, [*topo.daemon_args(man, a.proxy_mode, *flags), "--cleanup"],
+                          check=False, timeout=120)
+
+
 def check_mode(mode: str) -> str:
     """An error message when ``mode`` cannot run here, else ""."""
     if mode not in MODES:
@@ -833,7 +860,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sys.path.insert(0, REPO)
     os.environ.setdefault("KPROXY_CACHE_DIR", CACHE)
-    from kproxy.testing.topology import Topology, unique_prefix
 
     shown = list(full)
     if "--json" in shown:  # where the raw numbers went does not belong in the report
@@ -841,26 +867,10 @@ def main(argv: list[str] | None = None) -> int:
         del shown[i:i + 2]
     meta = {"command": "bench/traffic.py " + " ".join(shown),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_before": load_avg()}
-    server = build_server()
     mdir = tempfile.mkdtemp(prefix="kpbench-traffic-")
     try:
-        with mode_environment(a) as (cgroup, mode_flags), \
-                Topology(prefix=unique_prefix("kpb"), pods=3, ipv6=False, servers=False) as topo:
-            bench = Bench(topo, a, cgroup=cgroup, frames_dir=mdir)
-            bench.prepare(server)
-            man = os.path.join(mdir, "manifests")
-            os.mkdir(man)
-            manifests(man, [(p.name, p.ip) for p in bench.pods])
-            flags = [*mode_flags, *daemon_extra]
-            p = start_daemon(topo, man, a.proxy_mode, flags)
-            try:
-                bench.wait_reachable()
-                results = bench.run()
-            finally:
-                topo.stop_daemon(p)
-                if a.proxy_mode == "ebpf":  # cgroup attachments and pinned maps outlive the namespaces
-                    topo.exec(topo.node, [*topo.daemon_args(man, a.proxy_mode, *flags), "--cleanup"],
-                              check=False, timeout=120)
+        with running_bench(a, mdir, daemon_extra) as bench:
+            results = bench.run()
     finally:
         shutil.rmtree(mdir, ignore_errors=True)
     meta["load_after"] = load_avg()
