@@ -60,19 +60,29 @@ def start(script: str, timeout: float = 120.0) -> Callable[[], None]:
 
 def list_json(*what: str, timeout: float = 120.0, terse: bool = False) -> list[dict[str, Any]]:
     """``nft -j list <what>`` as the list of objects; [] when the object does not exist."""
+    return list_json_many(what, timeout=timeout, terse=terse)
+
+
+def list_json_many(*queries: tuple[str, ...], timeout: float = 120.0, terse: bool = False) -> list[dict[str, Any]]:
+    """Several ``list`` commands in one nft process (``list a; list b``): their objects, in order.
+
+    nft prints one JSON document per command, one per line.
+    """
+    what = "; ".join("list " + " ".join(q) for q in queries)
     try:
-        argv = [NFT, *(["-t"] if terse else []), "-j", "list", *what]
+        argv = [NFT, *(["-t"] if terse else []), "-j", what]
         p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SyncError(f"nft failed to run: {e}") from None
     if p.returncode != 0:
         if "No such file or directory" in p.stderr or "does not exist" in p.stderr:
             return []
-        raise SyncError(f"nft list {' '.join(what)} failed: {p.stderr.strip()[:300]}")
+        raise SyncError(f"nft {what} failed: {p.stderr.strip()[:300]}")
     try:
-        return list(json.loads(p.stdout).get("nftables", []))
+        return [obj for line in p.stdout.splitlines() if line.strip()
+                for obj in json.loads(line).get("nftables", [])]
     except ValueError as e:
-        raise SyncError(f"nft list {' '.join(what)}: invalid JSON: {e}") from None
+        raise SyncError(f"nft {what}: invalid JSON: {e}") from None
 
 
 def flat(value: Any) -> list[Any]:
